@@ -1,0 +1,204 @@
+"""The one way hessrebal reads labelled data: in chunks, from tensors, arrays,
+Datasets or DataLoaders.
+
+Everything that touches data (Hessian products, accuracies, sensitivities)
+goes through :func:`as_data`, so validation and chunking live here only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+DEFAULT_BATCH_SIZE = 512
+
+
+def _to_tensor(a: Any, name: str) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a
+    if isinstance(a, np.ndarray):
+        if a.dtype == object:
+            raise TypeError(f"{name} has dtype object; pass a numeric array or tensor.")
+        return torch.from_numpy(np.ascontiguousarray(a))
+    if isinstance(a, (list, tuple)):
+        try:
+            return torch.as_tensor(np.asarray(a))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name} could not be converted to a tensor: {exc}") from exc
+    raise TypeError(
+        f"{name} must be a torch.Tensor, a numpy array, a Dataset or a DataLoader; "
+        f"got {type(a).__name__}."
+    )
+
+
+def check_labels(y: torch.Tensor, name: str = "y") -> torch.Tensor:
+    """Return ``y`` as a 1-D int64 tensor, refusing fractional or negative labels."""
+    if y.ndim != 1:
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        else:
+            raise ValueError(f"{name} must be 1-D class indices; got shape {tuple(y.shape)}.")
+    if y.is_floating_point():
+        if not torch.isfinite(y).all():
+            raise ValueError(f"{name} contains NaN or infinite labels.")
+        if (y != torch.round(y)).any():
+            raise ValueError(f"{name} contains fractional labels; class indices must be integers.")
+    elif y.dtype == torch.bool or y.is_complex():
+        raise TypeError(f"{name} must hold integer class indices; got dtype {y.dtype}.")
+    y = y.to(torch.int64)
+    if y.numel() and int(y.min()) < 0:
+        raise ValueError(f"{name} contains negative label {int(y.min())}.")
+    return y
+
+
+def check_inputs(x: torch.Tensor, name: str = "X") -> None:
+    if x.is_floating_point() or x.is_complex():
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} contains NaN or infinite values.")
+
+
+def check_label_range(y: torch.Tensor, n_outputs: int, name: str = "y") -> None:
+    if y.numel() and int(y.max()) >= n_outputs:
+        raise ValueError(
+            f"{name} contains label {int(y.max())} but the model has {n_outputs} outputs "
+            f"(valid labels are 0..{n_outputs - 1})."
+        )
+
+
+class LabelledData:
+    """Labelled samples read chunk by chunk.
+
+    In-memory data (tensors, arrays) are validated once here; a Dataset or
+    DataLoader is validated chunk by chunk as it is read, so it never has to
+    fit in memory.
+    """
+
+    def __init__(
+        self,
+        X: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        loader: DataLoader | None = None,
+        dataset: Dataset | None = None,
+        name: str = "X",
+    ) -> None:
+        self.X = X
+        self.y = y
+        self.loader = loader
+        self.dataset = dataset
+        self.name = name
+        self._n_samples: int | None = None if X is None else int(X.shape[0])
+        self._labels: torch.Tensor | None = y
+
+    @property
+    def in_memory(self) -> bool:
+        return self.X is not None
+
+    @property
+    def n_samples(self) -> int:
+        if self._n_samples is None:
+            source = self.loader.dataset if self.loader is not None else self.dataset
+            try:
+                self._n_samples = len(source)  # type: ignore[arg-type]
+            except TypeError:
+                self._n_samples = int(self.labels().shape[0])
+        return self._n_samples
+
+    def labels(self) -> torch.Tensor:
+        """All labels as an int64 CPU tensor (reads a loader once, then caches)."""
+        if self._labels is None:
+            ys = [y.cpu() for _, y in self.chunks(DEFAULT_BATCH_SIZE)]
+            self._labels = torch.cat(ys) if ys else torch.empty(0, dtype=torch.int64)
+        return self._labels.cpu()
+
+    def chunks(
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(x, y)`` chunks on ``device``; floating inputs cast to ``dtype``."""
+        if self.in_memory:
+            n = self.X.shape[0]
+            for start in range(0, n, batch_size):
+                x = self.X[start : start + batch_size]
+                y = self.y[start : start + batch_size]
+                yield _move(x, device, dtype), y.to(device, non_blocking=True)
+            return
+        loader = self.loader
+        if loader is None:
+            loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=False)
+        for batch in loader:
+            x, y = _split_batch(batch, self.name)
+            x = _to_tensor(x, self.name)
+            y = check_labels(_to_tensor(y, "y"))
+            check_inputs(x, self.name)
+            yield _move(x, device, dtype), y.to(device, non_blocking=True)
+
+    def subset(self, indices: np.ndarray | torch.Tensor) -> LabelledData:
+        """The samples at ``indices`` (stratified splits of the validation data)."""
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
+        if self.in_memory:
+            return LabelledData(self.X[idx], self.y[idx], name=self.name)
+        source = self.loader.dataset if self.loader is not None else self.dataset
+        return LabelledData(dataset=Subset(source, idx.tolist()), name=self.name)
+
+
+def _move(x: torch.Tensor, device, dtype) -> torch.Tensor:
+    if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+        return x.to(device=device, dtype=dtype, non_blocking=True)
+    return x.to(device, non_blocking=True)
+
+
+def _split_batch(batch: Any, name: str) -> tuple[Any, Any]:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict):
+        for kx, ky in (("x", "y"), ("X", "y"), ("input", "target"), ("image", "label")):
+            if kx in batch and ky in batch:
+                return batch[kx], batch[ky]
+    raise TypeError(
+        f"Each batch of {name} must be an (inputs, labels) pair; got {type(batch).__name__}."
+    )
+
+
+def as_data(X: Any, y: Any = None, *, name: str = "X", y_name: str = "y") -> LabelledData:
+    """Validate ``(X, y)`` and wrap them for chunked reading.
+
+    ``X`` may be a tensor or array (then ``y`` holds the labels), a
+    ``(X, y)`` tuple passed as ``X`` with ``y=None``, a ``Dataset`` or a
+    ``DataLoader`` yielding ``(inputs, labels)`` (then ``y`` must be None).
+    """
+    if isinstance(X, LabelledData):
+        return X
+    if X is None:
+        raise ValueError(f"{name} must not be None.")
+    if isinstance(X, (DataLoader, Dataset)):
+        if y is not None:
+            raise ValueError(
+                f"{y_name} must be None when {name} is a {type(X).__name__}: "
+                "its batches carry the labels."
+            )
+        if isinstance(X, DataLoader):
+            return LabelledData(loader=X, name=name)
+        return LabelledData(dataset=X, name=name)
+    if y is None and isinstance(X, tuple) and len(X) == 2:
+        X, y = X
+    if y is None:
+        raise ValueError(f"{y_name} is required when {name} is a tensor or an array.")
+    Xt = _to_tensor(X, name)
+    yt = check_labels(_to_tensor(y, y_name), y_name)
+    if Xt.ndim == 0:
+        raise ValueError(f"{name} must have a sample dimension; got a scalar.")
+    if Xt.shape[0] == 0:
+        raise ValueError(f"{name} is empty (0 samples).")
+    if Xt.shape[0] != yt.shape[0]:
+        raise ValueError(
+            f"{name} and {y_name} have different numbers of samples: "
+            f"{Xt.shape[0]} and {yt.shape[0]}."
+        )
+    check_inputs(Xt, name)
+    return LabelledData(Xt, yt, name=name)
