@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
 
-ParamSelection = Union[None, str, Sequence[str], Callable[[str, nn.Parameter], bool]]
+ParamSelection = None | str | Sequence[str] | Callable[[str, nn.Parameter], bool]
 
 
 def unwrap_model(model: Any, name: str = "model") -> nn.Module:
@@ -129,7 +129,9 @@ class ParameterSpace:
         params = dict(unwrap_model(model, name).named_parameters())
         for pname, shape in zip(self.names, self.shapes):
             if pname not in params:
-                raise ValueError(f"{name} has no parameter '{pname}' (the fitted selection has it).")
+                raise ValueError(
+                    f"{name} has no parameter '{pname}' (the fitted selection has it)."
+                )
             if params[pname].shape != shape:
                 raise ValueError(
                     f"{name}.{pname} has shape {tuple(params[pname].shape)}; the fitted "
