@@ -108,7 +108,7 @@ class SoftmaxSurrogateSensitivity(SensitivityEstimator):
             else:
                 _, pull = vjp(class_sums, theta)
                 eye = torch.eye(n_classes, dtype=theta.dtype, device=theta.device)
-                J = _vectorised(lambda e: pull(e)[0], eye)  # (C, D)
+                J = _vectorised(lambda e, pull=pull: pull(e)[0], eye)  # (C, D)
                 S += J @ Q
         S = S / counts.clamp_min(1)[:, None]
         S[counts == 0] = 0.0
