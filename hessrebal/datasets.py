@@ -95,6 +95,11 @@ class LongTailedSplits:
         vectors; models reshape them).
     preprocessing : dict
         How inputs were scaled (e.g. the training mean and std).
+    indices : dict of str to ndarray
+        For each split, the row indices in the source data (the shipped
+        arrays; for CIFAR-10 the original training set for ``train``/``val``
+        and the test set for ``test``; for ISIC the labelled CSV rows), in
+        the order of the split.
     """
 
     name: str
@@ -111,6 +116,7 @@ class LongTailedSplits:
     random_state: int | None = None
     input_shape: tuple[int, ...] = ()
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    indices: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_classes(self) -> int:
@@ -457,6 +463,7 @@ def _load_digit_set(
         tail_order=np.asarray(tail_order, dtype=np.int64), imbalance_ratio=ratio,
         random_state=random_state if isinstance(random_state, (int, type(None))) else None,
         input_shape=shape, preprocessing=pre,
+        indices={"train": train_idx, "val": val_idx, "test": test_idx},
     )
 
 
@@ -662,6 +669,7 @@ def _load_cifar10_lt(root, imbalance_ratio, random_state, val_per_class, permute
         input_shape=(3, 32, 32),
         preprocessing={"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD),
                        "custom_transform": transform is not None},
+        indices={"train": train_idx, "val": val_idx, "test": np.arange(y_test.size)},
     )
 
 
@@ -772,4 +780,5 @@ def _load_isic2019(root, random_state, transform, train_transform, image_size, v
         input_shape=(3, image_size, image_size),
         preprocessing={"image_size": image_size, "mean": list(IMAGENET_MEAN),
                        "std": list(IMAGENET_STD), "custom_transform": custom},
+        indices=dict(zip(("train", "val", "test"), splits_idx)),
     )
