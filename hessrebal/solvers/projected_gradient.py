@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 
@@ -77,15 +78,26 @@ class _Scaled:
         self.A = np.concatenate(rows) if rows else np.zeros((0, n))
         self.l = np.concatenate(rhs) if rhs else np.zeros(0)
         self.row_scale = np.concatenate(scales) if scales else np.zeros(0)
+        if n > k and self.A.shape[0]:
+            # Column-scale the free epigraph variable like the u block: with many
+            # classes its column (all about -1/sqrt(2)) would otherwise dominate
+            # ||A||^2 and shrink every projected-gradient step.
+            col = np.linalg.norm(self.A[:, k])
+            blk = np.linalg.norm(self.A[:, :k], 2)
+            if col > 0 and blk > 0:
+                f = blk / col
+                self.A[:, k] *= f
+                self.c[k] *= f
 
     def project(self, x: np.ndarray) -> np.ndarray:
+        """Exact Euclidean projection onto the budget set (in place; returns ``x``)."""
         k = self.k
         if self.box:
-            x[:k] = np.clip(x[:k], -self.bound, self.bound)
+            np.minimum(np.maximum(x[:k], -self.bound, out=x[:k]), self.bound, out=x[:k])
         else:
-            norm = np.linalg.norm(x[:k])
+            norm = math.sqrt(x[:k] @ x[:k])
             if norm > 1.0:
-                x[:k] /= norm
+                x[:k] *= 1.0 / norm
         return x
 
     def closed_form(self) -> np.ndarray:
@@ -108,7 +120,7 @@ class _Scaled:
             if excess(lo) <= 0:
                 eta = lo
             else:
-                eta = brentq(excess, lo, cn + 1e-300, xtol=1e-15 * cn, rtol=4e-16, maxiter=200)
+                eta = brentq(excess, lo, cn + 1e-300, xtol=1e-15 * cn, rtol=1e-15, maxiter=200)
             u = c / (q + eta)
             return u / max(np.linalg.norm(u), 1.0)
         return c / q
@@ -217,26 +229,28 @@ class ProjectedGradientSolver(CoefficientSolver):
         eps_in = 1e-2
         prev_viol = np.inf
         max_inner = 20 * int(self.max_iter)
+        project = sp.project
         converged = False
         for outer in range(int(self.max_iter)):
             step = 1.0 / max(q_max + rho * norm_a2, 1e-12)
+            rho_l = rho * l
             x_prev = x.copy()
             z = x.copy()
             momentum = 1.0
             for _ in range(max_inner):
-                r = y - rho * (A @ z - l)
+                r = y + rho_l - rho * (A @ z)
                 np.maximum(r, 0.0, out=r)
-                grad = q * z - c - At @ r
-                x_new = sp.project(z - step * grad)
+                x_new = project(z - step * (q * z - c - At @ r))
                 self.n_steps_ += 1
                 diff = x_new - z
-                small = np.sqrt(diff @ diff) <= eps_in * step
-                if (z - x_new) @ (x_new - x_prev) > 0:  # adaptive restart
+                small = math.sqrt(diff @ diff) <= eps_in * step
+                jump = x_new - x_prev
+                if diff @ jump < 0:  # adaptive restart: momentum points uphill
                     momentum = 1.0
                     z = x_new
                 else:
-                    nxt = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * momentum * momentum))
-                    z = x_new + ((momentum - 1.0) / nxt) * (x_new - x_prev)
+                    nxt = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * momentum * momentum))
+                    z = x_new + ((momentum - 1.0) / nxt) * jump
                     momentum = nxt
                 x_prev = x_new
                 if small:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -17,6 +18,14 @@ _OK_STATUSES = ("optimal", "optimal_inaccurate")
 #: picks OSQP for the box-with-penalty QPs, which stops at its iteration limit
 #: on some of them.)
 _DEFAULT_SOLVERS = ("CLARABEL", "SCS")
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_solvers() -> tuple[str, ...]:
+    # cvxpy probes every solver package on each call (several ms): ask once.
+    import cvxpy as cp
+
+    return tuple(cp.installed_solvers())
 
 
 @dataclass
@@ -159,14 +168,11 @@ class CvxpyQPSolver(CoefficientSolver):
     def _check_params(self) -> None:
         if self.solver is not None and not isinstance(self.solver, str):
             raise TypeError(f"solver must be None or a string; got {type(self.solver).__name__}.")
-        if self.solver is not None:
-            import cvxpy as cp
-
-            if self.solver.upper() not in cp.installed_solvers():
-                raise ValueError(
-                    f"solver={self.solver!r} is not an installed cvxpy solver; "
-                    f"choose from {cp.installed_solvers()}."
-                )
+        if self.solver is not None and self.solver.upper() not in _installed_solvers():
+            raise ValueError(
+                f"solver={self.solver!r} is not an installed cvxpy solver; "
+                f"choose from {list(_installed_solvers())}."
+            )
         if not isinstance(self.warm_start, (bool, np.bool_)):
             raise TypeError(f"warm_start must be a bool; got {type(self.warm_start).__name__}.")
 
@@ -185,7 +191,7 @@ class CvxpyQPSolver(CoefficientSolver):
         for name, value in _scaled_data(problem).items():
             built.params[name].value = value
         if self.solver is None:
-            names = [s for s in _DEFAULT_SOLVERS if s in cp.installed_solvers()] or [None]
+            names = [s for s in _DEFAULT_SOLVERS if s in _installed_solvers()] or [None]
         else:
             names = [self.solver.upper()]
         failures = []
