@@ -21,6 +21,11 @@ every present class with ``a_j > strong_threshold``.
 ``alpha = 0`` always satisfies every constraint, so a problem is never truly
 infeasible; a solver that fails numerically falls back to that zero step and
 emits a :class:`SolverWarning`.
+
+Without a curvature penalty the optimum need not be unique (for instance a
+max–min problem whose worst class has a zero sensitivity row: every step that
+keeps the others above it is optimal); solvers may then return different
+optimal steps. A small ``curvature_penalty`` selects the cheapest one.
 """
 
 from __future__ import annotations
@@ -313,7 +318,7 @@ class CoefficientProblem:
 class CoefficientSolver(BaseEstimator):
     """Base class of the coefficient solvers.
 
-    Subclasses implement ``_solve(problem) -> ndarray (k,)``; :meth:`solve`
+    Subclasses implement ``_solve(problem) -> (alpha, status)``; :meth:`solve`
     validates the problem, turns any numerical failure (an exception, a
     non-finite answer, a constraint violated beyond ``feasibility_tol``) into
     the zero step with a :class:`SolverWarning`, and records what happened in
@@ -387,10 +392,11 @@ def _make_feasible(
 
     Returns ``(alpha, repaired, reason)``; ``repaired`` says a violation beyond
     ``tol`` was fixed; ``reason`` is not None when the point cannot be made
-    feasible within ``tol``. A violation ``v`` of
-    ``(S alpha)_j >= -tol_p`` is repaired by shrinking towards the feasible
-    zero step: ``alpha * tol_p / (tol_p + v)`` satisfies every strong constraint
-    exactly (and stays in the star-shaped budget set).
+    feasible within ``tol``. Violations up to ``tol`` are accepted as they are.
+    A larger violation ``v`` of ``(S alpha)_j >= -tol_p``, up to
+    ``1e-3 * tol_p``, is repaired by shrinking towards the feasible zero step:
+    ``alpha * tol_p / (tol_p + v)`` satisfies every strong constraint exactly
+    (and stays in the star-shaped budget set) and keeps 99.9 % of the step.
     """
     bviol, _ = problem.constraint_violation(alpha)
     alpha = problem.project_budget(alpha)
