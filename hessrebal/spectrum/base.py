@@ -59,7 +59,9 @@ class Spectrum:
     converged : ndarray of bool, shape (k,)
         Whether each pair met the backend's residual tolerance.
     info : dict
-        Backend-specific details (restarts, phases, iterations per pair).
+        Backend-specific details (restarts, phases, iterations per pair);
+        ``info["scale"]`` is the ``|λ₁|`` (largest magnitude seen) that the
+        residuals are relative to.
     """
 
     eigenvalues: torch.Tensor

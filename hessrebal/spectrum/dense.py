@@ -108,5 +108,5 @@ class DenseSpectrum(SpectrumBackend):
             n_matvec=counter.count,
             residuals=residuals,
             converged=residuals <= tol,
-            info={"matrix_asymmetry": asym},
+            info={"matrix_asymmetry": asym, "scale": scale},
         )

@@ -269,7 +269,7 @@ class LanczosSpectrum(SpectrumBackend):
         init_cols = _normalized_columns(init)
         vals, vecs, res, scale = [], [], [], 0.0
         Q: torch.Tensor | None = None
-        info: dict[str, Any] = {"n_restarts": 0, "phases": []}
+        info: dict[str, Any] = {"n_restarts": 0, "phases": [], "scale": 0.0}
         while sum(v.shape[0] for v in vals) < k:
             p = min(phase_size, k - sum(v.shape[0] for v in vals))
             matvec = counter if Q is None else DeflatedOperator(counter, Q).matvec
@@ -314,6 +314,7 @@ class LanczosSpectrum(SpectrumBackend):
             res.append(r_abs)
             Q = Y if Q is None else torch.cat([Q, Y], dim=1)
 
+        info["scale"] = scale
         theta = torch.cat(vals)
         order = torch.argsort(theta, descending=True)
         r_abs = torch.cat(res)[order].numpy()

@@ -91,7 +91,8 @@ class PowerIterationSpectrum(SpectrumBackend):
         Returns
         -------
         Spectrum
-            ``info["n_iter"]`` lists the products per pair.
+            ``info["n_iter"]`` lists the products per pair; ``info["scale"]``
+            is the ``|λ₁|`` the residuals are relative to.
         """
         dim, dtype, device = check_operator(operator)
         k = check_n_components(n_components, dim)
@@ -147,5 +148,5 @@ class PowerIterationSpectrum(SpectrumBackend):
             n_matvec=counter.count,
             residuals=residuals,
             converged=converged,
-            info={"n_iter": [n_iter[j] for j in order.tolist()]},
+            info={"n_iter": [n_iter[j] for j in order.tolist()], "scale": scale},
         )
