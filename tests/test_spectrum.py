@@ -300,6 +300,11 @@ def test_deflated_phases_equal_one_run_on_30_class_synthetic():
     cos = (one.eigenvectors.T @ phased.eigenvectors).diagonal().abs()
     assert cos.min() > 1 - 1e-8
     assert _true_residuals(A, phased).max() <= 1e-7
+    # A refresh of the phased run from its own pairs: one product per pair.
+    warm = LanczosSpectrum(tol=1e-6, max_vectors=31, random_state=1).compute(
+        MatrixOperator(A), 29, init=phased.eigenvectors)
+    assert warm.n_matvec == 29
+    np.testing.assert_allclose(warm.eigenvalues.numpy(), lam[:29].numpy(), rtol=1e-10)
 
 
 def test_deflated_operator_matches_dense_projection():
