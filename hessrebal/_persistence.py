@@ -119,28 +119,37 @@ def save_state(
     return path
 
 
+def _sniff(head: bytes) -> str | None:
+    """A guess at what a non-safetensors file is, for the error message."""
+    if head[:1] == b"\x80" and head[1:2] in (b"\x01", b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a pickle"
+    if head[:4] == b"PK\x03\x04":
+        return "a zip archive (torch.save?)"
+    return None
+
+
 def _read_header(path: Path) -> dict[str, Any]:
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path} is not a hessrebal file: too short ({size} bytes).")
-        if head[:1] == b"\x80" or head[:2] == b"PK":
-            what = "a pickle" if head[:1] == b"\x80" else "a zip archive (torch.save?)"
+        # Decide by structure, not by magic bytes alone: a safetensors length
+        # prefix can itself start with 0x80.
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        raw = fh.read(n) if 0 < n <= min(_MAX_HEADER_BYTES, size - 8) else b""
+    header = None
+    if raw:
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        what = _sniff(head)
+        if what is not None:
             raise ValueError(
                 f"{path} looks like {what}; hessrebal never reads pickled data. "
                 "Only files written by save() (safetensors + JSON) can be loaded."
             )
-        (n,) = struct.unpack("<Q", head)
-        if n == 0 or n > _MAX_HEADER_BYTES or n > size - 8:
-            raise ValueError(f"{path} is not a safetensors file (bad header length {n}).")
-        raw = fh.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not a safetensors file (unreadable header: {exc}).") from exc
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} is not a safetensors file (header is not a JSON object).")
+        raise ValueError(f"{path} is not a safetensors file (unreadable or corrupt header).")
     return header
 
 

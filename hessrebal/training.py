@@ -60,8 +60,8 @@ def class_balanced_weights(class_counts: Any, beta: float = 0.999) -> np.ndarray
     if beta == 0:
         w[present] = 1.0
     else:
-        # expm1/log1p keep 1 − β^n accurate when β is close to 1.
-        w[present] = -np.expm1(np.log1p(-beta)) / -np.expm1(counts[present] * np.log1p(-beta))
+        # 1 − β^n as −expm1(n·log β): accurate when β^n is close to 1.
+        w[present] = (1.0 - beta) / -np.expm1(counts[present] * np.log(beta))
     return w * present.sum() / w.sum()
 
 
