@@ -1,0 +1,214 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from torch import nn
+
+from hessrebal import SpectralSurgeon
+from hessrebal.amplitude import AdamSNR, GammaDecay, GrowShrink
+from hessrebal.sensitivity import FiniteDifferenceSensitivity, SoftmaxSurrogateSensitivity
+from hessrebal.solvers import CvxpyQPSolver, ProjectedGradientSolver
+from hessrebal.spectrum import DenseSpectrum, LanczosSpectrum, PowerIterationSpectrum
+from hessrebal.surgeon import default_budget
+from tests.conftest import assert_unchanged, snapshot, tiny_cnn
+
+
+def imbalanced_problem(seed=0, n_classes=3, d=4, hidden=8):
+    """A small classifier trained on imbalanced Gaussian blobs: the rare class is weak."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(n_classes, d, generator=g) * 1.2
+    counts_train = [200, 60, 12][:n_classes]
+
+    def sample(counts):
+        X = torch.cat([means[c] + torch.randn(n, d, generator=g) for c, n in enumerate(counts)])
+        y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+        return X, y
+
+    Xtr, ytr = sample(counts_train)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, n_classes))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(Xtr), ytr).backward()
+        opt.step()
+    model.eval()
+    Xval, yval = sample([60] * n_classes)
+    Xte, yte = sample([200] * n_classes)
+    return model, (Xtr, ytr), (Xval, yval), (Xte, yte)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return imbalanced_problem()
+
+
+def test_fit_leaves_model_bitwise_unchanged_and_transform_moves_selection_only(problem):
+    model, _, (Xv, yv), _ = problem
+    model.train()  # the surgeon must evaluate in eval mode and restore this
+    snap = snapshot(model)
+    s = SpectralSurgeon(max_steps=3, params=["2"], random_state=0).fit(model, Xv, yv)
+    assert_unchanged(model, snap)
+    new = s.transform(model)
+    assert_unchanged(model, snap)
+    assert s.parameter_names_ == ["2.weight", "2.bias"]
+    assert torch.equal(new[0].weight, model[0].weight) and torch.equal(new[0].bias, model[0].bias)
+    moved = torch.cat([(new[2].weight - model[2].weight).reshape(-1),
+                       new[2].bias - model[2].bias])
+    torch.testing.assert_close(moved, s.perturbation_, rtol=0, atol=1e-6)
+    in_place = s.transform(model, copy=False)
+    assert in_place is model
+    torch.testing.assert_close(model[2].weight, new[2].weight)
+    model.eval()
+
+
+def test_fitted_attributes_are_consistent(problem):
+    model, _, (Xv, yv), _ = problem
+    s = SpectralSurgeon(max_steps=4, random_state=0).fit(model, Xv, yv)
+    D = sum(p.numel() for p in model.parameters())
+    k = 2  # C − 1
+    assert s.n_components_ == k and s.n_classes_ == 3
+    assert s.eigenvectors_.shape == (D, k) and s.eigenvalues_.shape == (k,)
+    assert np.all(np.diff(s.eigenvalues_) <= 0)
+    Q = s.eigenvectors_
+    torch.testing.assert_close(Q.T @ Q, torch.eye(k), atol=1e-4, rtol=0)
+    assert s.sensitivity_.shape == (3, k)
+    np.testing.assert_allclose(s.coef_, (Q.T @ s.perturbation_).numpy(), rtol=1e-6)
+    assert s.predicted_loss_increase_ == pytest.approx(
+        0.5 * np.sum(s.eigenvalues_ * s.coef_**2))
+    assert len(s.history_) == 4 and s.n_hvp_ > 0
+    # perturbation_ is the sum of the accepted steps
+    accepted = [h for h in s.history_ if h["accepted"]]
+    total = sum(np.linalg.norm(h["alpha"]) for h in accepted)
+    assert float(s.perturbation_.norm()) <= total + 1e-5
+    if not accepted:
+        assert float(s.perturbation_.norm()) == 0
+    # history's last state is the state after
+    np.testing.assert_allclose(s.history_[-1]["per_class_accuracy"], s.per_class_accuracy_after_)
+    assert s.initial_budget_ == pytest.approx(default_budget(s.eigenvalues_[0]))
+
+
+def test_surgery_helps_the_rare_class_on_held_out_data(problem):
+    model, _, (Xv, yv), (Xt, yt) = problem
+    s = SpectralSurgeon(random_state=0).fit(model, Xv, yv)
+    new = s.transform(model)
+    before = SpectralSurgeon().set_params()  # scoring helper below
+
+    def per_class(m):
+        with torch.no_grad():
+            pred = m(Xt).argmax(1)
+        return np.array([(pred[yt == c] == c).float().mean().item() for c in range(3)])
+
+    a0, a1 = per_class(model), per_class(new)
+    assert a0.std() - a1.std() > 0.02, (a0, a1)
+    assert a1.mean() > a0.mean()
+    assert s.score(model, Xt, yt) == pytest.approx(a1.mean())
+    del before
+
+
+@pytest.mark.parametrize(
+    "sensitivity,solver,amplitude",
+    list(itertools.product(
+        [FiniteDifferenceSensitivity(), FiniteDifferenceSensitivity(scheme="forward"),
+         SoftmaxSurrogateSensitivity(), SoftmaxSurrogateSensitivity(kind="log_probability")],
+        [CvxpyQPSolver(), ProjectedGradientSolver()],
+        [GammaDecay(), AdamSNR(), GrowShrink()])),
+)
+def test_all_strategy_combinations_give_finite_perturbations(problem, sensitivity, solver,
+                                                              amplitude):
+    model, _, (Xv, yv), _ = problem
+    s = SpectralSurgeon(sensitivity=sensitivity, solver=solver, amplitude=amplitude,
+                        max_steps=2, refresh_spectrum=0, random_state=0).fit(model, Xv, yv)
+    assert torch.isfinite(s.perturbation_).all()
+    assert all(np.isfinite(h["budget"]) for h in s.history_)
+
+
+@pytest.mark.parametrize("objective,shape", [("maxmin", "l2"), ("weighted", "box")])
+def test_objectives_and_budget_shapes(problem, objective, shape):
+    model, _, (Xv, yv), _ = problem
+    s = SpectralSurgeon(objective=objective, budget_shape=shape, curvature_penalty=0.5,
+                        max_steps=2, random_state=0).fit(model, Xv, yv)
+    for h in s.history_:
+        alpha = np.asarray(h["alpha"])
+        if shape == "l2":
+            assert np.linalg.norm(alpha) <= h["budget"] * (1 + 1e-6)
+        else:
+            assert np.all(np.abs(alpha) <= h["budget"] * (1 + 1e-6))
+
+
+def test_spectrum_backends_agree_and_n_components(problem):
+    model, _, (Xv, yv), _ = problem
+    kw = dict(max_steps=0, random_state=0)
+    dense = SpectralSurgeon(spectrum=DenseSpectrum(), n_components=3, **kw).fit(model, Xv, yv)
+    lanczos = SpectralSurgeon(spectrum=LanczosSpectrum(tol=1e-6), n_components=3,
+                              **kw).fit(model, Xv, yv)
+    power = SpectralSurgeon(spectrum=PowerIterationSpectrum(tol=1e-6, max_iter=500),
+                            n_components=3, **kw).fit(model, Xv, yv)
+    np.testing.assert_allclose(lanczos.eigenvalues_, dense.eigenvalues_, rtol=1e-4)
+    np.testing.assert_allclose(power.eigenvalues_, dense.eigenvalues_, rtol=1e-3)
+    assert lanczos.n_hvp_ < power.n_hvp_
+    auto = SpectralSurgeon(n_components="auto", **kw).fit(model, Xv, yv)
+    assert 1 <= auto.n_components_ <= 6 and auto.eigenvectors_.shape[1] == auto.n_components_
+
+
+def test_curvature_data_and_ggn(problem):
+    model, (Xtr, ytr), (Xv, yv), _ = problem
+    on_val = SpectralSurgeon(max_steps=0, spectrum=DenseSpectrum()).fit(model, Xv, yv)
+    on_train = SpectralSurgeon(max_steps=0, spectrum=DenseSpectrum()).fit(
+        model, Xv, yv, curvature_data=(Xtr, ytr))
+    assert not np.allclose(on_val.eigenvalues_, on_train.eigenvalues_)
+    # the spectrum is that of the training data's Hessian
+    from hessrebal import HessianOperator
+
+    ref = DenseSpectrum().compute(HessianOperator(model, Xtr, ytr), 2)
+    np.testing.assert_allclose(on_train.eigenvalues_, ref.eigenvalues.numpy(), rtol=1e-5)
+    ggn = SpectralSurgeon(max_steps=0, curvature="ggn", spectrum=DenseSpectrum()).fit(
+        model, Xv, yv)
+    assert np.all(ggn.eigenvalues_ > 0)
+
+
+def test_clone_and_nested_params():
+    s = SpectralSurgeon(amplitude=GammaDecay(gamma=0.5), solver=ProjectedGradientSolver())
+    params = s.get_params(deep=True)
+    assert params["amplitude__gamma"] == 0.5
+    s.set_params(amplitude__gamma=0.9, solver__max_iter=10)
+    assert s.amplitude.gamma == 0.9 and s.solver.max_iter == 10
+    c = clone(s)
+    assert c.amplitude is not s.amplitude and c.amplitude.gamma == 0.9
+
+
+def test_user_strategy_instances_are_not_mutated(problem):
+    model, _, (Xv, yv), _ = problem
+    amp = AdamSNR()
+    SpectralSurgeon(amplitude=amp, max_steps=2).fit(model, Xv, yv)
+    assert not hasattr(amp, "t_") and not any(k.endswith("_") for k in vars(amp))
+
+
+def test_cnn_with_batchnorm_and_dict_output():
+    class DictOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_cnn()
+
+        def forward(self, x):
+            return {"logits": self.net(x)}
+
+    model = DictOut()
+    model.train()
+    snap = snapshot(model)
+    X = torch.randn(60, 1, 5, 5, dtype=torch.float64)
+    y = torch.arange(60) % 3
+    s = SpectralSurgeon(max_steps=2, random_state=0).fit(model, X, y)
+    assert_unchanged(model, snap)
+    assert torch.isfinite(s.perturbation_).all()
+    custom = SpectralSurgeon(max_steps=1, random_state=0,
+                             output_to_logits=lambda out: out["logits"]).fit(model, X, y)
+    np.testing.assert_array_equal(custom.eigenvalues_, s.eigenvalues_)
+
+
+def test_default_budget_rule():
+    assert default_budget(830.0) == pytest.approx(np.sqrt(2 * 0.05 / 830))
+    assert default_budget(8.0) > 10 * default_budget(830.0)
+    assert default_budget(0.0) > 0  # degenerate curvature still gives a usable budget
