@@ -392,9 +392,10 @@ def train_model(
     Examples
     --------
     >>> import torch
-    >>> X = torch.randn(200, 5); y = (X[:, 0] > 0).long()
-    >>> m = train_model(make_model("mlp", in_features=5, hidden=(8,), n_classes=2), X, y,
-    ...                 epochs=20, lr=1e-2)
+    >>> X = torch.randn(200, 5, generator=torch.Generator().manual_seed(0))
+    >>> y = (X[:, 0] > 0).long()
+    >>> m = train_model(make_model("mlp", in_features=5, hidden=(16,), n_classes=2), X, y,
+    ...                 epochs=50, lr=1e-2)
     >>> float((m(X).argmax(1) == y).float().mean()) > 0.9
     True
     """
@@ -449,6 +450,9 @@ def train_model(
                 for xb, yb in _training_batches(data, batch_size, gen, dev, dtype):
                     opt.zero_grad(set_to_none=True)
                     out = default_output_to_logits(module(xb))
+                    if weight is not None and weight.shape[0] != out.shape[1]:
+                        raise ValueError(f"class_weights has {weight.shape[0]} entries but the "
+                                         f"model has {out.shape[1]} outputs.")
                     batch_loss = loss_fn(out, yb)
                     if not torch.isfinite(batch_loss.detach()):
                         raise FloatingPointError(
