@@ -265,12 +265,12 @@ def test_class_bias_coordinatewise_optimal_on_random_logits(seed):
     if cb.n_iter_ < 50:
         b = torch.from_numpy(cb.bias_)
         best = cb.balanced_accuracy_after_
+        grid = torch.linspace(-8, 8, 801, dtype=torch.float64)
         for c in range(C):
-            for v in np.linspace(-8, 8, 801):
-                trial = b.clone()
-                trial[c] = v
-                pc = per_class_accuracy(y, (Z + trial).argmax(1), C)
-                assert balanced_accuracy(pc) <= best + 1e-12
+            trial = (Z + b).unsqueeze(0).repeat(grid.numel(), 1, 1)
+            trial[:, :, c] = Z[:, c] + grid[:, None]
+            pc = per_class_accuracy(y, trial.argmax(2), C)  # (801, C)
+            assert np.nanmean(pc, axis=1).max() <= best + 1e-12
 
 
 def test_class_bias_grid_and_absent_class():
