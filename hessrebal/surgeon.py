@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
+import os
+import platform
 import time
 import warnings
 from numbers import Integral, Real
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,17 +20,28 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._data import DEFAULT_BATCH_SIZE, LabelledData, as_data, check_label_range
 from ._model import FunctionalModel, OutputToLogits, check_finite_parameters, predict_logits
-from .amplitude import GammaDecay
+from ._persistence import load_state, save_state
+from .amplitude import AdamSNR, GammaDecay, GrowShrink
 from .curvature import HessianOperator
 from .metrics import balanced_accuracy, class_std, per_class_accuracy
 from .parameters import ParameterSpace, ParamSelection, unwrap_model
-from .sensitivity import SoftmaxSurrogateSensitivity
-from .solvers import CoefficientProblem, CvxpyQPSolver, SolverWarning
-from .spectrum import LanczosSpectrum, count_spikes
+from .sensitivity import FiniteDifferenceSensitivity, SoftmaxSurrogateSensitivity
+from .solvers import CoefficientProblem, CvxpyQPSolver, ProjectedGradientSolver, SolverWarning
+from .spectrum import DenseSpectrum, LanczosSpectrum, PowerIterationSpectrum, count_spikes
 
 _OBJECTIVES = ("weighted", "maxmin")
 _BUDGET_SHAPES = ("l2", "box")
 _ACCEPTANCE = ("tolerance", "noise_aware")
+_STRATEGY_METHODS = {"spectrum": ("compute",), "sensitivity": ("estimate",),
+                     "solver": ("solve",), "amplitude": ("initial", "update")}
+#: The only classes :meth:`SpectralSurgeon.load` will construct from a file.
+_STRATEGY_CLASSES = {cls.__name__: cls for cls in (
+    LanczosSpectrum, PowerIterationSpectrum, DenseSpectrum, SoftmaxSurrogateSensitivity,
+    FiniteDifferenceSensitivity, CvxpyQPSolver, ProjectedGradientSolver, GammaDecay, AdamSNR,
+    GrowShrink)}
+_FORMAT_VERSION = 1
+#: Below this many validation samples a class gets a warning about its noise.
+FEW_SAMPLES = 10
 
 #: Target second-order loss increase ½·λ₁·α² of a full-budget step along the
 #: top spike, used by the data-driven default budget (see ``default_budget``).
@@ -54,6 +69,43 @@ def _weight_power_rule(accuracy: np.ndarray) -> float:
     e = 1.0 - accuracy[np.isfinite(accuracy)]
     e_min = max(float(e.min()), 1e-3)
     return 2.0 if float(e.max()) / e_min < 5 else 0.5
+
+
+def shrink_accuracy(accuracy: np.ndarray, counts: np.ndarray, strength: float) -> np.ndarray:
+    """Per-class accuracy shrunk toward the mean: ``(n_j a_j + n0 ā) / (n_j + n0)``.
+
+    ``ā`` is the mean accuracy of the present classes and ``n0 = strength``
+    a pseudo-count. A class measured on few samples moves most of the way
+    to the mean (its accuracy is mostly noise: one sample of two is 50
+    points), a class with hundreds of samples keeps its own. Absent classes
+    (NaN) stay NaN; ``strength=0`` returns the accuracies unchanged.
+
+    Parameters
+    ----------
+    accuracy : ndarray (C,)
+    counts : ndarray (C,)
+        Samples per class behind ``accuracy``.
+    strength : float
+        ``n0 >= 0``.
+
+    Returns
+    -------
+    ndarray (C,)
+
+    Examples
+    --------
+    >>> shrink_accuracy(np.array([0.9, 0.9, 0.0]), np.array([100, 100, 2]), 5.0).round(3)
+    array([0.886, 0.886, 0.429])
+    """
+    acc = np.asarray(accuracy, dtype=np.float64)
+    n = np.asarray(counts, dtype=np.float64)
+    present = np.isfinite(acc) & (n > 0)
+    if strength <= 0 or not present.any():
+        return acc.copy()
+    mean = float(acc[present].mean())
+    out = acc.copy()
+    out[present] = (n[present] * acc[present] + strength * mean) / (n[present] + strength)
+    return out
 
 
 class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
@@ -116,7 +168,14 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
     acceptance : {"tolerance", "noise_aware"}, default="tolerance"
         ``tolerance`` is the paper's rule; ``noise_aware`` also requires the
         σ improvement to exceed its standard error (from the samples whose
-        prediction flipped).
+        prediction flipped), and lets a class drop beyond ``max_class_drop``
+        veto a step only when the drop also exceeds its own standard error
+        (so one flipped sample of a two-sample class is not a veto).
+    class_shrinkage : float, default=5.0
+        Pseudo-count ``n0``: the accuracies given to the coefficient problem
+        (error weights, strong classes, the max–min objective) are shrunk
+        toward their mean by :func:`shrink_accuracy`, so a class with few
+        validation samples does not dominate the objective. 0 disables.
     curvature_penalty : float, default=0.0
         ``μ`` in the penalty ``(μ/2)·Σ λ_i α_i²`` subtracted from the objective.
     params : None, str, sequence of str or callable, default=None
@@ -130,7 +189,9 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
     output_to_logits : callable, optional
         Maps the model's forward output to logits.
     random_state : int or None, default=None
-        Seeds the spectrum's start vectors and the selection split.
+        Seeds the spectrum's start vectors and the selection split. Two fits
+        with the same int on the same CPU give bitwise-identical results
+        (``history_`` up to its ``"seconds"`` field).
     progress : bool, default=False
         Show a progress bar over the steps.
 
@@ -154,7 +215,11 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         ``½ Σ λ_i coef_i²``, the second-order predicted loss increase.
     history_ : list of dict
         One entry per step: budget, accepted, reason, σ, balanced accuracy,
-        per-class accuracy, α, predicted loss increase, HVPs, seconds.
+        per-class accuracy, α, predicted loss increase, solver warnings,
+        ``solver_failed`` (the solver failed and the step was zero),
+        ``candidate_finite`` (False: the candidate's logits were NaN/inf and it
+        was rolled back), HVPs, seconds. ``"seconds"`` is wall-clock time,
+        the only field that differs between two identical fits.
     per_class_accuracy_before_, per_class_accuracy_after_ : ndarray (C,)
         On the selection data (the validation data unless
         ``selection_fraction`` is set).
@@ -163,6 +228,15 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
     parameter_names_ : list of str
     parameter_shapes_ : list of tuple
     initial_budget_ : float
+
+    Notes
+    -----
+    Reliability (``docs/reliability.md``): every invalid argument, setting or
+    strategy parameter raises ``ValueError``/``TypeError`` naming it before
+    any Hessian product; ``fit`` leaves the model bitwise as it was (also when
+    it raises or is interrupted) and, when it raises, keeps the surgeon's
+    previous fitted state; :meth:`save`/:meth:`load` use safetensors + JSON,
+    never pickle.
 
     Examples
     --------
@@ -198,6 +272,7 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         refresh_spectrum: int = 1,
         selection_fraction: float | None = None,
         acceptance: str = "tolerance",
+        class_shrinkage: float = 5.0,
         curvature_penalty: float = 0.0,
         params: ParamSelection = None,
         curvature: str = "hessian",
@@ -224,6 +299,7 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         self.refresh_spectrum = refresh_spectrum
         self.selection_fraction = selection_fraction
         self.acceptance = acceptance
+        self.class_shrinkage = class_shrinkage
         self.curvature_penalty = curvature_penalty
         self.params = params
         self.curvature = curvature
@@ -255,8 +331,37 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         Returns
         -------
         self
+
+        Raises
+        ------
+        TypeError, ValueError
+            For an invalid argument, setting or strategy parameter, naming
+            it, before any Hessian product is computed.
+
+        Notes
+        -----
+        ``fit`` never writes to ``model``: its parameters, buffers (BatchNorm
+        statistics) and every submodule's train/eval flag are bitwise the
+        same after it returns, raises or is interrupted. When it raises, the
+        surgeon keeps the fitted state it had before the call (none for a
+        fresh surgeon).
         """
+        previous = _fitted_attributes(self)
+        try:
+            return self._fit(model, X_val, y_val, curvature_data, process_group)
+        except BaseException:
+            for key in _fitted_attributes(self):
+                delattr(self, key)
+            self.__dict__.update(previous)
+            raise
+
+    def _fit(self, model: Any, X_val: Any, y_val: Any, curvature_data: Any,
+             process_group: Any) -> SpectralSurgeon:
+        # Everything checkable is checked before the first Hessian product.
         self._validate_params()
+        strategies = self._strategies()
+        spectrum_backend, sensitivity, solver, amplitude = (
+            strategies[name] for name in _STRATEGY_METHODS)
         module = unwrap_model(model)
         check_finite_parameters(module)
         module = self._working_module(module)
@@ -268,17 +373,19 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
                 else as_data(curvature_data, name="curvature_data", y_name="curvature_data"))
         if curvature_data is not None:
             self._check_data(fmodel, curv, "curvature_data", "curvature_data")
+        k_wanted = self._n_wanted(n_classes, space.dim)
         sens_data, sel_data = self._split_selection(val, n_classes)
-
-        spectrum_backend = self._strategy(self.spectrum, LanczosSpectrum(tol=1e-3))
-        sensitivity = self._strategy(self.sensitivity, SoftmaxSurrogateSensitivity(kind="margin"))
-        solver = self._strategy(self.solver, CvxpyQPSolver())
-        amplitude = self._strategy(self.amplitude, GammaDecay(gamma=0.7))
 
         theta0 = fmodel.initial_theta()
         theta = theta0.clone()
+        sel_state = _evaluate(fmodel, theta, sel_data, n_classes, self.batch_size)
+        if not sel_state["finite"]:
+            raise ValueError("model gives NaN or infinite logits on X_val at its trained "
+                             "parameters" + _non_finite_buffer_hint(module) + ".")
+        sens_acc = (sel_state["acc"] if sens_data is sel_data else
+                    _evaluate(fmodel, theta, sens_data, n_classes, self.batch_size)["acc"])
+        sens_counts = np.bincount(sens_data.labels().numpy(), minlength=n_classes)[:n_classes]
         self.n_hvp_ = 0
-        k_wanted = self._n_wanted(n_classes, space.dim)
 
         def spectrum_at(point: torch.Tensor, init: torch.Tensor | None, k: int):
             op = HessianOperator(module, curv, params=self.params, curvature=self.curvature,
@@ -291,6 +398,9 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
 
         spec = spectrum_at(theta, None, k_wanted)
         eigenvalues = _to_numpy(spec.eigenvalues)
+        if not _finite_spectrum(eigenvalues, spec.eigenvectors):
+            raise ValueError("The curvature at the trained model has NaN or infinite eigenpairs "
+                             "(the loss overflows on curvature_data?).")
         if self.n_components == "auto":
             k = int(max(1, min(count_spikes(eigenvalues), len(eigenvalues))))
         else:
@@ -304,11 +414,8 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         budget0 = (float(self.budget) if self.budget is not None
                    else default_budget(eigenvalues[0]))
         self.initial_budget_ = budget0
-        budget = float(amplitude.initial(budget0, self.max_steps))
+        budget = _check_budget(amplitude.initial(budget0, max(1, self.max_steps)))
 
-        sel_state = _evaluate(fmodel, theta, sel_data, n_classes, self.batch_size)
-        sens_acc = (sel_state["acc"] if sens_data is sel_data else
-                    _evaluate(fmodel, theta, sens_data, n_classes, self.batch_size)["acc"])
         self.per_class_accuracy_before_ = sel_state["acc"].copy()
         history: list[dict[str, Any]] = []
         self.sensitivity_ = None
@@ -324,29 +431,49 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
             hvp_before = self.n_hvp_
             if stale and self.refresh_spectrum and t % self.refresh_spectrum == 0:
                 spec = spectrum_at(theta, Q, k)
-                Q = spec.eigenvectors[:, :k]
-                eigenvalues = _to_numpy(spec.eigenvalues)[:k]
-                stale = False
+                new_values = _to_numpy(spec.eigenvalues)[:k]
+                if _finite_spectrum(new_values, spec.eigenvectors[:, :k]):
+                    Q = spec.eigenvectors[:, :k]
+                    eigenvalues = new_values
+                    stale = False
+                else:
+                    warnings.warn("The refreshed spectrum has NaN or infinite values; keeping "
+                                  "the previous spikes.", RuntimeWarning, stacklevel=3)
             S = np.asarray(sensitivity.estimate(fmodel, theta, Q, sens_data, n_classes,
                                                 budget=budget, batch_size=self.batch_size),
                            dtype=np.float64)
+            if S.shape != (n_classes, k):
+                raise ValueError(f"sensitivity.estimate returned shape {S.shape}; expected "
+                                 f"({n_classes}, {k}).")
             if self.sensitivity_ is None:
                 self.sensitivity_ = S.copy()
-            problem = CoefficientProblem(
-                sensitivity=S, accuracy=sens_acc, eigenvalues=eigenvalues, budget=budget,
-                objective=self.objective, weight_power=self._weight_power(sens_acc),
-                strong_threshold=self.strong_threshold,
-                preserve_tolerance=self.preserve_tolerance, budget_shape=self.budget_shape,
-                curvature_penalty=self.curvature_penalty,
-            )
-            alpha, solver_messages = _solve(solver, problem)
+            present = np.isfinite(sens_acc)
+            if np.all(np.isfinite(S[present])):
+                # Few-sample classes are pulled toward the mean before they
+                # set weights, strong classes and the worst class.
+                problem_acc = shrink_accuracy(sens_acc, sens_counts, float(self.class_shrinkage))
+                problem = CoefficientProblem(
+                    sensitivity=S, accuracy=problem_acc, eigenvalues=eigenvalues,
+                    budget=budget, objective=self.objective,
+                    weight_power=self._weight_power(problem_acc),
+                    strong_threshold=self.strong_threshold,
+                    preserve_tolerance=self.preserve_tolerance, budget_shape=self.budget_shape,
+                    curvature_penalty=self.curvature_penalty,
+                )
+                alpha, solver_messages, solver_failed = _solve(solver, problem)
+                zero_reason = "solver failed" if solver_failed else "zero step"
+            else:
+                warnings.warn(f"Step {t}: the sensitivity has NaN or infinite values; taking a "
+                              "zero step.", RuntimeWarning, stacklevel=3)
+                alpha, solver_messages, solver_failed = np.zeros(k), [], False
+                zero_reason = "non-finite sensitivity"
             entry: dict[str, Any] = {
                 "step": t, "budget": budget, "alpha": alpha.tolist(),
                 "predicted_loss_increase": 0.5 * float(np.sum(eigenvalues * alpha**2)),
-                "solver_warnings": solver_messages,
+                "solver_warnings": solver_messages, "solver_failed": solver_failed,
             }
             if not np.any(alpha):
-                accepted, reason, signal, cand = False, "zero step", 0.0, None
+                accepted, reason, signal, cand = False, zero_reason, 0.0, None
             else:
                 step = Q @ torch.as_tensor(alpha, dtype=Q.dtype, device=Q.device)
                 candidate = theta + step
@@ -358,19 +485,20 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
                 sens_acc = (cand["acc"] if sens_data is sel_data else
                             _evaluate(fmodel, theta, sens_data, n_classes, self.batch_size)["acc"])
                 stale = True
+            shown = cand is not None and cand["finite"]
             entry.update({
                 "accepted": accepted, "reason": reason,
                 "class_std": class_std(sel_state["acc"]),
                 "balanced_accuracy": balanced_accuracy(sel_state["acc"]),
                 "per_class_accuracy": sel_state["acc"].tolist(),
-                "candidate_class_std": None if cand is None else cand["std"],
-                "candidate_balanced_accuracy": (None if cand is None
-                                                else balanced_accuracy(cand["acc"])),
+                "candidate_finite": None if cand is None else cand["finite"],
+                "candidate_class_std": cand["std"] if shown else None,
+                "candidate_balanced_accuracy": balanced_accuracy(cand["acc"]) if shown else None,
                 "n_hvp": self.n_hvp_ - hvp_before,
                 "seconds": time.perf_counter() - start,
             })
             history.append(entry)
-            budget = float(amplitude.update(accepted, signal))
+            budget = _check_budget(amplitude.update(accepted, signal))
             if self.progress:
                 steps.set_postfix(sigma=f"{entry['class_std']:.4f}", budget=f"{budget:.3g}")
 
@@ -395,6 +523,18 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
             A model with the fitted parameter names and shapes.
         copy : bool, default=True
             ``False`` changes ``model`` in place (on request only).
+
+        Returns
+        -------
+        nn.Module or skorch net
+
+        Raises
+        ------
+        NotFittedError
+            Before :meth:`fit` (or :meth:`load`).
+        ValueError
+            When ``model`` lacks a fitted parameter or holds it with another
+            shape (the first mismatch is named).
         """
         check_is_fitted(self, "perturbation_")
         space = self._fitted_space(model)
@@ -417,19 +557,156 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         check_label_range(labels, C)
         return balanced_accuracy(per_class_accuracy(labels, logits.argmax(1), C))
 
+    # ---------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the settings and the fitted state to one file, without pickle.
+
+        Tensors and numeric arrays (``perturbation_``, ``eigenvectors_``,
+        ``eigenvalues_``, ``coef_``, ``sensitivity_``, per-class accuracies)
+        are stored in safetensors format; the constructor parameters (a
+        strategy as its class name and parameters), the other fitted
+        attributes (``history_``, ``parameter_names_``, shapes, ...), a
+        SHA-256 of every tensor and the library versions are JSON in the
+        file's header.
+
+        Parameters
+        ----------
+        path : str or path-like
+            The file to write (overwritten).
+
+        Returns
+        -------
+        pathlib.Path
+
+        Raises
+        ------
+        NotFittedError
+            Before :meth:`fit`.
+        ValueError
+            When a parameter cannot be stored without pickle: a callable
+            ``params`` (``set_params(params=surgeon.parameter_names_)``
+            selects the same parameters by name) or ``output_to_logits`` (set
+            it to None, and again after :meth:`load`), a strategy that is not
+            one of hessrebal's classes, or any other non-JSON value.
+        """
+        check_is_fitted(self, "perturbation_")
+        params = {}
+        for name, value in self.get_params(deep=False).items():
+            if callable(value) and type(value).__name__ not in _STRATEGY_CLASSES:
+                hint = {"params": " set_params(params=surgeon.parameter_names_) selects the "
+                                  "same parameters by name and can be saved.",
+                        "output_to_logits": " Set output_to_logits=None before saving and set "
+                                            "it again after load()."}.get(name, "")
+                raise ValueError(f"Cannot save {name}={value!r}: a callable cannot be stored "
+                                 f"without pickle.{hint}")
+            params[name] = _encode(value, name, strategies=True)
+        tensors: dict[str, torch.Tensor] = {}
+        kinds: dict[str, str] = {}
+        fitted: dict[str, Any] = {}
+        for key, value in _fitted_attributes(self).items():
+            if isinstance(value, torch.Tensor):
+                tensors[key], kinds[key] = value, "tensor"
+            elif isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+                tensors[key] = torch.from_numpy(np.ascontiguousarray(value))
+                kinds[key] = "ndarray"
+            else:
+                fitted[key] = _encode(value, key)
+        from . import __version__
+
+        meta = {
+            "params": params, "fitted": fitted, "tensors": kinds,
+            "devices": {k: str(t.device) for k, t in tensors.items()},
+            "sha256": {k: _digest(t) for k, t in tensors.items()},
+            "versions": {"hessrebal": __version__, "torch": torch.__version__,
+                         "numpy": np.__version__, "python": platform.python_version()},
+        }
+        return save_state(path, tensors, meta, kind=type(self).__name__, version=_FORMAT_VERSION)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SpectralSurgeon:
+        """Read a surgeon written by :meth:`save`.
+
+        Nothing in the file is executed: strategies are rebuilt only from an
+        allow-list of hessrebal classes, and every tensor is checked against
+        its SHA-256. Tensors come back on the CPU; :meth:`transform` moves the
+        perturbation to the model's device.
+
+        Parameters
+        ----------
+        path : str or path-like
+
+        Returns
+        -------
+        SpectralSurgeon
+            Fitted; ``get_params()`` equals the saved surgeon's and
+            :meth:`transform` gives bitwise the same model.
+
+        Raises
+        ------
+        FileNotFoundError
+        ValueError
+            For a pickle, a ``torch.save`` file, a truncated or corrupt file,
+            a file of another kind or a newer format, an unknown strategy
+            class or a checksum mismatch.
+        """
+        tensors, meta = load_state(path, expected_kind=cls.__name__, max_version=_FORMAT_VERSION)
+        try:
+            return cls._from_state(tensors, meta)
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
+            raise ValueError(f"{path} does not hold a valid {cls.__name__}: {exc}") from exc
+
+    @classmethod
+    def _from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]):
+        if not isinstance(meta.get("params"), dict) or not isinstance(meta.get("fitted"), dict):
+            raise ValueError("missing settings or fitted state")
+        obj = cls(**{str(k): _decode(v, strategies=True) for k, v in meta["params"].items()})
+        kinds, digests = meta["tensors"], meta["sha256"]
+        if set(kinds) != set(tensors):
+            raise ValueError(f"the tensors {sorted(tensors)} do not match the header's "
+                             f"{sorted(kinds)}")
+        for key, kind in kinds.items():
+            _check_attribute_name(cls, key)
+            t = tensors[key]
+            if _digest(t) != digests.get(key):
+                raise ValueError(f"tensor '{key}' is corrupt (SHA-256 mismatch)")
+            if kind not in ("tensor", "ndarray"):
+                raise ValueError(f"unknown tensor kind {kind!r}")
+            setattr(obj, key, t if kind == "tensor" else t.numpy().copy())
+        for key, value in meta["fitted"].items():
+            _check_attribute_name(cls, key)
+            setattr(obj, key, _decode(value))
+        obj._check_loaded_state()
+        return obj
+
+    def _check_loaded_state(self) -> None:
+        names, shapes = self.parameter_names_, self.parameter_shapes_
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)
+                and isinstance(shapes, list) and len(shapes) == len(names)):
+            raise ValueError("parameter_names_/parameter_shapes_ are inconsistent")
+        dim = sum(math.prod(int(d) for d in shape) for shape in shapes)
+        p, Q = self.perturbation_, self.eigenvectors_
+        if not (isinstance(p, torch.Tensor) and p.shape == (dim,)):
+            raise ValueError(f"perturbation_ must have shape ({dim},)")
+        if not (isinstance(Q, torch.Tensor) and Q.ndim == 2 and Q.shape[0] == dim):
+            raise ValueError(f"eigenvectors_ must have {dim} rows")
+
     # ------------------------------------------------------------- helpers
     def _fitted_space(self, model: Any) -> ParameterSpace:
-        space = ParameterSpace(model, lambda n, p: n in set(self.parameter_names_))
+        params = dict(unwrap_model(model).named_parameters())
+        for name, fitted in zip(self.parameter_names_, self.parameter_shapes_):
+            if name not in params:
+                raise ValueError(f"model has no parameter '{name}' (the fitted surgeon moves it).")
+            if tuple(params[name].shape) != tuple(fitted):
+                raise ValueError(f"model.{name} has shape {tuple(params[name].shape)}; the "
+                                 f"surgeon was fitted on shape {tuple(fitted)}.")
+        wanted = set(self.parameter_names_)
+        space = ParameterSpace(model, lambda n, p: n in wanted)
         if space.names != self.parameter_names_:
-            missing = [n for n in self.parameter_names_ if n not in space.names]
-            raise ValueError(
-                f"model has no parameter '{missing[0]}' (the fitted surgeon moves it)."
-                if missing else "model orders its parameters differently from the fitted one."
-            )
-        for name, shape, fitted in zip(space.names, space.shapes, self.parameter_shapes_):
-            if tuple(shape) != tuple(fitted):
-                raise ValueError(f"model.{name} has shape {tuple(shape)}; the surgeon was "
-                                 f"fitted on shape {tuple(fitted)}.")
+            first = next(i for i, (a, b) in enumerate(zip(space.names, self.parameter_names_))
+                         if a != b)
+            raise ValueError(f"model orders its parameters differently from the fitted one: "
+                             f"'{space.names[first]}' comes where the surgeon has "
+                             f"'{self.parameter_names_[first]}'.")
         return space
 
     def _validate_params(self) -> None:
@@ -441,7 +718,8 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
                 raise ValueError(f"{name} must be a positive number; got {value!r}.")
 
         def non_negative(name: str, value: Any) -> None:
-            if not isinstance(value, Real) or isinstance(value, bool) or value < 0:
+            if not isinstance(value, Real) or isinstance(value, bool) or not value >= 0 \
+                    or not math.isfinite(value):
                 raise ValueError(f"{name} must be a non-negative number; got {value!r}.")
 
         if self.objective not in _OBJECTIVES:
@@ -455,7 +733,7 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
             raise ValueError(f"curvature must be 'hessian' or 'ggn'; got {self.curvature!r}.")
         positive("budget", self.budget, allow_none=True)
         for name in ("max_std_increase", "max_class_drop", "preserve_tolerance",
-                     "curvature_penalty"):
+                     "curvature_penalty", "class_shrinkage"):
             non_negative(name, getattr(self, name))
         if not (self.weight_power == "auto" or (isinstance(self.weight_power, Real)
                                                 and self.weight_power >= 0)):
@@ -480,6 +758,44 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
             raise ValueError(f"n_components must be an int >= 1, 'auto' or None; got {n!r}.")
         if self.output_to_logits is not None and not callable(self.output_to_logits):
             raise TypeError("output_to_logits must be callable.")
+        rs = self.random_state
+        if rs is not None and (isinstance(rs, bool) or not isinstance(rs, Integral)
+                               or not 0 <= rs < 2**32):
+            raise ValueError(f"random_state must be None or an int in [0, 2**32); got {rs!r}.")
+
+    def _strategies(self) -> dict[str, Any]:
+        """Private, validated copies of the four strategies (defaults for None).
+
+        Each must have its protocol's methods; hessrebal's own classes check
+        their parameters here (``_check_params``/``_validate``), and an
+        amplitude controller through ``initial`` (grow > 1, shrink and gamma
+        in (0, 1), ...), so a bad setting fails before the first product.
+        """
+        defaults = {"spectrum": LanczosSpectrum(tol=1e-3),
+                    "sensitivity": SoftmaxSurrogateSensitivity(kind="margin"),
+                    "solver": CvxpyQPSolver(), "amplitude": GammaDecay(gamma=0.7)}
+        out = {}
+        for name, methods in _STRATEGY_METHODS.items():
+            given = getattr(self, name)
+            strategy = self._strategy(given, defaults[name])
+            for method in methods:
+                if not callable(getattr(strategy, method, None)):
+                    raise TypeError(f"{name} must have a {method}() method (see the strategy "
+                                    f"protocols in DESIGN §2); got {type(given).__name__}.")
+            check = getattr(strategy, "_check_params", None) or getattr(strategy, "_validate",
+                                                                        None)
+            try:
+                if callable(check):
+                    check()
+                if name == "amplitude":
+                    # The loop calls initial() again with the real budget.
+                    strategy.initial(1.0 if self.budget is None else float(self.budget),
+                                     max(1, self.max_steps))
+            except (TypeError, ValueError) as exc:
+                kind = TypeError if isinstance(exc, TypeError) else ValueError
+                raise kind(f"{name}={given!r}: {exc}") from exc
+            out[name] = strategy
+        return out
 
     def _working_module(self, module: torch.nn.Module) -> torch.nn.Module:
         if self.device is None:
@@ -501,11 +817,20 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         labels = data.labels()
         check_label_range(labels, n_classes, y_name)
         if x_name == "X_val":
-            absent = np.flatnonzero(np.bincount(labels.numpy(), minlength=n_classes) == 0)
+            counts = np.bincount(labels.numpy(), minlength=n_classes)
+            absent = np.flatnonzero(counts == 0)
             if absent.size:
                 warnings.warn(
                     f"Classes {absent.tolist()} have no sample in {y_name}; they are left out "
-                    "of the objective, the constraints and σ.", UserWarning, stacklevel=3)
+                    "of the objective, the constraints and σ.", UserWarning, stacklevel=4)
+            few = np.flatnonzero((counts > 0) & (counts < FEW_SAMPLES))
+            if few.size:
+                warnings.warn(
+                    f"Classes {few.tolist()} have fewer than {FEW_SAMPLES} samples in {y_name} "
+                    f"({counts[few].tolist()}): their accuracy is noisy. The objective shrinks "
+                    f"them toward the mean (class_shrinkage={self.class_shrinkage}); "
+                    "acceptance='noise_aware' also discounts their noise in the rollback rule.",
+                    UserWarning, stacklevel=4)
         return n_classes
 
     def _split_selection(self, val: LabelledData, n_classes: int):
@@ -525,7 +850,8 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         return val.subset(np.flatnonzero(~sel_mask)), val.subset(np.flatnonzero(sel_mask))
 
     def _strategy(self, given: Any, default: Any) -> Any:
-        strategy = clone(given) if given is not None else default
+        # safe=False: a user's strategy need not be a BaseEstimator (deep copy).
+        strategy = clone(given, safe=False) if given is not None else default
         if self.random_state is not None and "random_state" in getattr(
                 strategy, "get_params", dict)():
             if strategy.get_params().get("random_state") is None:
@@ -554,12 +880,18 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         if not new["finite"]:
             return False, "non-finite logits", -1.0
         present = np.isfinite(old["acc"])
-        drop = float(np.max(old["acc"][present] - new["acc"][present]))
+        drops = np.where(present, old["acc"] - new["acc"], -np.inf)
+        drop = float(np.max(drops[present]))
         rise = new["std"] - old["std"]
         if rise > self.max_std_increase:
             return False, f"sigma rose by {rise:.4f}", -max(drop, rise, 0.0)
-        if drop > self.max_class_drop:
-            return False, f"a class dropped by {drop:.4f}", -max(drop, 0.0)
+        vetoes = drops > self.max_class_drop
+        if self.acceptance == "noise_aware":
+            # A drop vetoes only beyond its own standard error: one flipped
+            # sample of a two-sample class is noise, not a lost class.
+            vetoes &= drops > _class_change_standard_error(old, new)
+        if vetoes.any():
+            return False, f"a class dropped by {float(drops[vetoes].max()):.4f}", -max(drop, 0.0)
         if self.acceptance == "noise_aware":
             se = _std_change_standard_error(old, new)
             if -rise <= se:
@@ -586,25 +918,41 @@ def _compute_spectrum(backend: Any, op: HessianOperator, k: int, init: torch.Ten
     return backend.compute(op, k)
 
 
-def _solve(solver: Any, problem: CoefficientProblem) -> tuple[np.ndarray, list[str]]:
-    """Solve, turning any failure into a zero step whose warning is recorded."""
+#: Errors that mean a broken solver (wrong signature, missing package), not a
+#: numerical failure: they propagate instead of becoming a zero step.
+_PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, ImportError)
+
+
+def _solve(solver: Any, problem: CoefficientProblem) -> tuple[np.ndarray, list[str], bool]:
+    """Solve, turning a numerical failure into a zero step whose warning is recorded.
+
+    Returns ``(alpha, warning messages, failed)``. ``failed`` is True when
+    the solver raised, returned a non-finite or misshapen step, or reported
+    its own failure with a :class:`SolverWarning`.
+    """
+    k = problem.sensitivity.shape[1]
+    failure = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             alpha = np.asarray(solver.solve(problem), dtype=np.float64).reshape(-1)
-        except (ArithmeticError, RuntimeError, np.linalg.LinAlgError) as exc:
-            warnings.warn(f"{type(solver).__name__} failed ({exc}); taking a zero step.",
-                          SolverWarning, stacklevel=2)
-            alpha = np.zeros(problem.sensitivity.shape[1])
-    if alpha.shape != (problem.sensitivity.shape[1],) or not np.all(np.isfinite(alpha)):
-        caught_msg = "solver returned a non-finite or misshapen step; taking a zero step."
-        warnings.warn(caught_msg, SolverWarning, stacklevel=2)
-        return np.zeros(problem.sensitivity.shape[1]), [caught_msg]
+        except _PROGRAMMING_ERRORS:
+            raise
+        except Exception as exc:
+            failure = f"{type(solver).__name__} failed ({type(exc).__name__}: {exc})"
+            alpha = np.zeros(k)
+    if failure is None and (alpha.shape != (k,) or not np.all(np.isfinite(alpha))):
+        failure = f"{type(solver).__name__} returned a non-finite or misshapen step"
     messages = []
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         messages.append(str(w.message))
-    return alpha, messages
+    if failure is not None:
+        message = f"{failure}; taking a zero step."
+        warnings.warn(message, SolverWarning, stacklevel=3)
+        return np.zeros(k), messages + [message], True
+    failed = any(issubclass(w.category, SolverWarning) for w in caught) and not np.any(alpha)
+    return alpha, messages, failed
 
 
 def _evaluate(fmodel: FunctionalModel, theta: torch.Tensor, data: LabelledData,
@@ -615,6 +963,18 @@ def _evaluate(fmodel: FunctionalModel, theta: torch.Tensor, data: LabelledData,
     acc = per_class_accuracy(y, pred, n_classes)
     return {"acc": acc, "std": class_std(acc), "correct": (pred == y).numpy(),
             "y": y.numpy(), "finite": finite}
+
+
+def _class_change_standard_error(old: dict[str, Any], new: dict[str, Any]) -> np.ndarray:
+    """Per-class standard error of ``a_j,new − a_j,old`` on the same samples:
+    ``sqrt(flips_j) / n_j`` (McNemar; NaN-free, ``inf`` for an absent class)."""
+    y = old["y"]
+    C = new["acc"].size
+    flips = (old["correct"] != new["correct"]).astype(np.float64)
+    n = np.bincount(y, minlength=C).astype(np.float64)
+    f = np.bincount(y, weights=flips, minlength=C)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, np.sqrt(f) / n, np.inf)
 
 
 def _std_change_standard_error(old: dict[str, Any], new: dict[str, Any]) -> float:
@@ -638,3 +998,121 @@ def _std_change_standard_error(old: dict[str, Any], new: dict[str, Any]) -> floa
         var_delta = np.where(n > 0, f / n**2, 0.0)
     grad = np.where(present, (acc - np.nanmean(acc)) / (C * sigma), 0.0)
     return float(np.sqrt(np.sum(grad**2 * var_delta)))
+
+
+def _fitted_attributes(obj: Any) -> dict[str, Any]:
+    """Public attributes ending in ``_``: the fitted state (scikit-learn's rule)."""
+    return {k: v for k, v in vars(obj).items() if k.endswith("_") and not k.startswith("_")}
+
+
+def _check_budget(value: Any) -> float:
+    budget = float(value)
+    if not (math.isfinite(budget) and budget > 0):
+        raise ValueError(f"amplitude returned the budget {value!r}; a budget must be a "
+                         "positive finite number.")
+    return budget
+
+
+def _finite_spectrum(eigenvalues: np.ndarray, eigenvectors: torch.Tensor) -> bool:
+    return bool(np.all(np.isfinite(eigenvalues)) and torch.isfinite(eigenvectors).all())
+
+
+def _non_finite_buffer_hint(module: torch.nn.Module) -> str:
+    for name, b in module.named_buffers():
+        if b.is_floating_point() and not torch.isfinite(b).all():
+            return f" (its buffer '{name}' holds NaN or infinite values)"
+    return ""
+
+
+# ------------------------------------------------------------- persistence
+_TAG = "__hessrebal__"
+
+
+def _digest(t: torch.Tensor) -> str:
+    raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _check_attribute_name(cls: type, key: Any) -> None:
+    if not (isinstance(key, str) and key.isidentifier() and key.endswith("_")
+            and not key.startswith("_") and not hasattr(cls, key)):
+        raise ValueError(f"invalid fitted attribute name {key!r}")
+
+
+def _encode(value: Any, name: str, strategies: bool = False) -> Any:
+    """``value`` as JSON types; tuples, non-finite floats, devices, dtypes,
+    numeric arrays and (with ``strategies``) hessrebal strategies are tagged
+    so that :func:`_decode` gives back an equal value."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, Integral):
+        return int(value)
+    if isinstance(value, Real):
+        f = float(value)
+        return f if math.isfinite(f) else {_TAG: "float", "value": repr(f)}
+    if isinstance(value, torch.device):
+        return {_TAG: "device", "value": str(value)}
+    if isinstance(value, torch.dtype):
+        return {_TAG: "dtype", "value": str(value).removeprefix("torch.")}
+    if isinstance(value, tuple):
+        return {_TAG: "tuple",
+                "items": [_encode(v, f"{name}[{i}]", strategies) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, f"{name}[{i}]", strategies) for i, v in enumerate(value)]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value) and _TAG not in value:
+        return {k: _encode(v, f"{name}[{k!r}]", strategies) for k, v in value.items()}
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return {_TAG: "ndarray", "dtype": value.dtype.str, "shape": list(value.shape),
+                "items": [_encode(v, name) for v in value.reshape(-1).tolist()]}
+    cls = type(value)
+    if strategies and _STRATEGY_CLASSES.get(cls.__name__) is cls:
+        return {_TAG: "strategy", "class": cls.__name__,
+                "params": {k: _encode(v, f"{name}__{k}", strategies)
+                           for k, v in value.get_params(deep=False).items()}}
+    what = ("a strategy that is not one of hessrebal's classes "
+            f"({sorted(_STRATEGY_CLASSES)})" if strategies and hasattr(value, "get_params")
+            else f"a {cls.__name__}")
+    raise ValueError(f"Cannot save {name}={value!r}: {what} cannot be stored without pickle.")
+
+
+def _decode(value: Any, strategies: bool = False, depth: int = 0) -> Any:
+    """Inverse of :func:`_encode`; builds nothing outside its allow-list."""
+    if depth > 64:
+        raise ValueError("nested too deeply")
+    if isinstance(value, list):
+        return [_decode(v, strategies, depth + 1) for v in value]
+    if not isinstance(value, dict):
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise ValueError(f"unexpected JSON value {value!r}")
+    tag = value.get(_TAG)
+    if tag is None:
+        return {k: _decode(v, strategies, depth + 1) for k, v in value.items()}
+    if tag == "float":
+        if value["value"] not in ("nan", "inf", "-inf"):
+            raise ValueError(f"invalid float {value['value']!r}")
+        return float(value["value"])
+    if tag == "tuple":
+        return tuple(_decode(v, strategies, depth + 1) for v in value["items"])
+    if tag == "device":
+        return torch.device(str(value["value"]))
+    if tag == "dtype":
+        dtype = getattr(torch, str(value["value"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {value['value']!r}")
+        return dtype
+    if tag == "ndarray":
+        dtype = np.dtype(str(value["dtype"]))
+        if dtype.kind not in "biuf":
+            raise ValueError(f"refusing an array of dtype {dtype}")
+        items = [_decode(v, False, depth + 1) for v in value["items"]]
+        return np.array(items, dtype=dtype).reshape([int(d) for d in value["shape"]])
+    if tag == "strategy":
+        cls = _STRATEGY_CLASSES.get(value.get("class")) if strategies else None
+        if cls is None:
+            raise ValueError(f"{value.get('class')!r} is not a hessrebal strategy class that "
+                             "load() may construct")
+        return cls(**{str(k): _decode(v, True, depth + 1) for k, v in value["params"].items()})
+    raise ValueError(f"unknown tag {tag!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -41,6 +43,16 @@ class FiniteDifferenceSensitivity(SensitivityEstimator):
     def __init__(self, step: float | None = None, scheme: str = "central") -> None:
         self.step = step
         self.scheme = scheme
+
+    def _check_params(self) -> None:
+        """Validate the constructor parameters (the surgeon calls this before
+        any heavy work; :meth:`estimate` checks them again)."""
+        if self.scheme not in _SCHEMES:
+            raise ValueError(f"scheme must be one of {_SCHEMES}; got {self.scheme!r}.")
+        step = self.step
+        if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Real)
+                                 or not np.isfinite(step) or step <= 0):
+            raise ValueError(f"step must be a positive number or None; got {step!r}.")
 
     def estimate(
         self,
