@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch.func import jvp, vjp, vmap
@@ -117,7 +119,11 @@ class SoftmaxSurrogateSensitivity(SensitivityEstimator):
 
 def _vectorised(fn, rows: torch.Tensor) -> torch.Tensor:
     """``stack([fn(r) for r in rows])`` in one vmapped call when the model allows it."""
-    try:
-        return vmap(fn)(rows)
-    except (RuntimeError, NotImplementedError):
-        return torch.stack([fn(r) for r in rows])
+    with warnings.catch_warnings():
+        # torch's forward-AD decompositions call the deprecated torch.jit.script
+        # when first loaded; that warning is torch's, not the user's concern.
+        warnings.filterwarnings("ignore", message=".*torch.jit.script", category=FutureWarning)
+        try:
+            return vmap(fn)(rows)
+        except (RuntimeError, NotImplementedError):
+            return torch.stack([fn(r) for r in rows])
