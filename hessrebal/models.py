@@ -382,7 +382,8 @@ def train_model(
         Where to train (default: where the model's parameters are); the
         model stays there.
     progress : bool, default=False
-        Print the mean loss of each epoch.
+        Show a progress bar over the epochs (tqdm, on stderr) with the mean
+        loss of the last epoch.
 
     Returns
     -------
@@ -444,8 +445,13 @@ def train_model(
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
         module.train()
+        epoch_iter: Any = range(epochs)
+        if progress:
+            from tqdm.auto import tqdm
+
+            epoch_iter = tqdm(epoch_iter, desc="training", unit="epoch", leave=False)
         try:
-            for epoch in range(epochs):
+            for epoch in epoch_iter:
                 running, seen = 0.0, 0
                 for xb, yb in _training_batches(data, batch_size, gen, dev, dtype):
                     opt.zero_grad(set_to_none=True)
@@ -464,8 +470,10 @@ def train_model(
                     running += batch_loss.item() * yb.shape[0]
                     seen += yb.shape[0]
                 if progress:
-                    print(f"epoch {epoch + 1}/{epochs}: loss {running / max(seen, 1):.4f}")
+                    epoch_iter.set_postfix(loss=f"{running / max(seen, 1):.4f}")
         finally:
+            if progress:
+                epoch_iter.close()
             module.eval()
     return model
 
