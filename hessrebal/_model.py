@@ -110,7 +110,7 @@ class FunctionalModel:
         try:
             with torch.no_grad():
                 logits = self.logits(self.initial_theta(), x)
-        except (RuntimeError, IndexError) as exc:
+        except (RuntimeError, IndexError, ValueError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ValueError(
                 f"The model cannot take {name} of shape {tuple(x.shape)} "
