@@ -138,6 +138,7 @@ def test_objectives_and_budget_shapes(problem, objective, shape):
             assert np.all(np.abs(alpha) <= h["budget"] * (1 + 1e-6))
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # power iteration
 def test_spectrum_backends_agree_and_n_components(problem):
     model, _, (Xv, yv), _ = problem
     kw = dict(max_steps=0, random_state=0)
