@@ -81,3 +81,40 @@ def test_skorch_like_wrapper_is_unwrapped():
     out = space.apply(net, torch.ones(space.dim, dtype=torch.float64))
     assert isinstance(out, FakeNet) and out is not net
     torch.testing.assert_close(space.gather(out.module_), space.gather(net.module_) + 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(1, 4), min_size=0, max_size=3), st.booleans()),
+                min_size=1, max_size=6).filter(lambda ps: any(sel for _, sel in ps)),
+       st.sampled_from([torch.float32, torch.float64]), st.integers(0, 2**31 - 1))
+def test_selection_flatten_unflatten_and_apply_on_random_models(params, dtype, seed):
+    """A random subset of random-shaped parameters (scalars included): the flat
+    order is named_parameters() order, unflatten inverts flatten for any
+    vector, and apply adds exactly its slice to each selected tensor and
+    nothing elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    module = nn.Module()
+    for i, (shape, _) in enumerate(params):
+        module.register_parameter(f"p{i}", nn.Parameter(torch.randn(tuple(shape), generator=g,
+                                                                    dtype=dtype)))
+    chosen = [f"p{i}" for i, (_, sel) in enumerate(params) if sel]
+    space = ParameterSpace(module, chosen)
+    assert space.names == chosen and space.dtype == dtype
+    assert space.dim == sum(torch.Size(s).numel() for s, sel in params if sel)
+    v = torch.randn(space.dim, generator=g, dtype=dtype)
+    parts = space.unflatten(v)
+    assert torch.equal(space.flatten(parts), v)
+    assert torch.equal(space.flatten([parts[n] for n in chosen]), v)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    new = space.apply(module, v)
+    offset = 0
+    for name, p in new.named_parameters():
+        if name in chosen:
+            n = p.numel()
+            expected = before[name] + v[offset:offset + n].view(before[name].shape)
+            assert torch.equal(p.detach(), expected)
+            offset += n
+        else:
+            assert torch.equal(p.detach(), before[name])
+    for name, p in module.named_parameters():  # the original is untouched
+        assert torch.equal(p.detach(), before[name])

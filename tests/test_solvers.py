@@ -421,3 +421,31 @@ def test_solvers_clone_and_copy_without_the_cache():
     assert not hasattr(copy.deepcopy(solver), "_problems")
     pg = clone(ProjectedGradientSolver(max_iter=50, tol=1e-5))
     assert pg.get_params() == {"max_iter": 50, "tol": 1e-5}
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(), st.booleans(), st.integers(0, 2**31 - 1))
+def test_solutions_are_feasible_never_worse_than_zero_and_monotone_in_budget(p, weighted,
+                                                                            seed):
+    """Properties that need no reference solver: the zero step is feasible, so
+    an optimum is never worse than it; a larger budget contains the smaller
+    feasible set, so the optimum cannot get worse; with or without
+    ``class_weights`` both solvers stay feasible."""
+    if weighted:
+        p.class_weights = np.random.default_rng(seed).uniform(0.0, 2.0, size=p.n_classes)
+        p.class_weights[np.flatnonzero(p.present_mask())[0]] = 1.0  # positive sum
+    bigger = copy.copy(p)
+    bigger.budget = 2 * p.budget
+    scale = p.budget * np.abs(p.sensitivity[p.present_mask()]).max()
+    zero = p.objective_value(np.zeros(p.n_components))
+    for solver_cls in SOLVERS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SolverWarning)
+            alpha = solver_cls().solve(p)
+            alpha_big = solver_cls().solve(bigger)
+        for prob, a in ((p, alpha), (bigger, alpha_big)):
+            budget_viol, preserve_viol = prob.constraint_violation(a)
+            assert budget_viol <= 1e-9 * prob.budget
+            assert preserve_viol <= 1e-6
+        assert p.objective_value(alpha) >= zero - 1e-6 * scale
+        assert bigger.objective_value(alpha_big) >= p.objective_value(alpha) - 1e-6 * scale
