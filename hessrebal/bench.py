@@ -64,6 +64,9 @@ __all__ = [
     "summarize",
     "format_table",
     "add_bench_parser",
+    "train_reference_model",
+    "curvature_sample",
+    "evaluate_model",
 ]
 
 METHODS: tuple[str, ...] = (
@@ -215,14 +218,54 @@ def _logits(model: torch.nn.Module, X: Any, y: Any, batch_size: int) -> tuple[to
     return torch.cat(outs), torch.cat(ys)
 
 
-def _measure(model: torch.nn.Module, X: Any, y: Any, n_classes: int,
-             batch_size: int) -> dict[str, Any]:
+def evaluate_model(model: torch.nn.Module, X: Any, y: Any = None, n_classes: int | None = None,
+                   batch_size: int = 512) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, σ, worst class, NLL and per-class accuracy of
+    ``model`` on ``(X, y)`` (a tensor pair or a Dataset), in eval mode, chunked.
+    See :func:`hessrebal.metrics.summarize`."""
     z, labels = _logits(model, X, y, batch_size)
     return summarize_logits(labels, z, n_classes)
 
 
-def _curvature_data(splits: Any, n: int, seed: int, stratified: bool) -> Any:
-    """A seeded sample of the training split where the Hessian is taken."""
+def train_reference_model(splits: Any, seed: int,
+                          settings: BenchSettings | None = None) -> tuple[torch.nn.Module,
+                                                                          dict[str, Any]]:
+    """Train the benchmark's model for ``splits`` from scratch, seeded.
+
+    Parameters
+    ----------
+    splits : LongTailedSplits
+    seed : int
+        Seeds the initialisation and the training order.
+    settings : BenchSettings, optional
+        Default: ``default_settings(splits.name)``.
+
+    Returns
+    -------
+    model : nn.Module
+        Trained, in eval mode.
+    details : dict
+        ``epochs`` and ``train_size``.
+    """
+    s = settings if settings is not None else default_settings(splits.name)
+    X, y = splits.data("train")
+    n = len(splits.labels("train"))
+    epochs = _epochs(n, s.batch_size, s.train_steps, s.epochs, s.min_epochs)
+    model = _build_model(s, splits, seed)
+    train_model(model, X, y, epochs=epochs, lr=s.lr, batch_size=s.batch_size,
+                weight_decay=s.weight_decay, optimizer=s.optimizer, random_state=seed,
+                device=s.device)
+    return model, {"epochs": epochs, "train_size": n}
+
+
+def curvature_sample(splits: Any, n: int, seed: int, stratified: bool = False) -> Any:
+    """A seeded sample of at most ``n`` training samples where the Hessian is taken.
+
+    Uniform (the training distribution, for a cross-entropy model) or, with
+    ``stratified``, up to ``n // C`` per class (for a class-balanced model,
+    as in the paper). Returns ``(X, y)`` tensors, or a ``Subset`` for
+    Dataset splits.
+    """
     labels = splits.labels("train").numpy()
     rng = np.random.default_rng(seed + 7919)
     if stratified:
@@ -316,7 +359,7 @@ class _SeedRun:
         self.log = log
         self.C = splits.n_classes
         self.X_val, self.y_val = splits.data("val")
-        self.curvature = _curvature_data(splits, settings.curvature_samples, seed, False)
+        self.curvature = curvature_sample(splits, settings.curvature_samples, seed, False)
         self.cache: dict[str, tuple[Any, float, dict[str, Any]]] = {}
 
     # each producer returns (model, seconds, details)
@@ -342,16 +385,9 @@ class _SeedRun:
         return out, time.perf_counter() - t0, _surgery_details(s) | {"_surgeon": s}
 
     def _baseline(self):
-        s = self.settings
-        X, y = self.splits.data("train")
-        n = len(self.splits.labels("train"))
-        epochs = _epochs(n, s.batch_size, s.train_steps, s.epochs, s.min_epochs)
         t0 = time.perf_counter()
-        model = _build_model(s, self.splits, self.seed)
-        train_model(model, X, y, epochs=epochs, lr=s.lr, batch_size=s.batch_size,
-                    weight_decay=s.weight_decay, optimizer=s.optimizer,
-                    random_state=self.seed, device=s.device)
-        return model, time.perf_counter() - t0, {"epochs": epochs, "train_size": n}
+        model, details = train_reference_model(self.splits, self.seed, self.settings)
+        return model, time.perf_counter() - t0, details
 
     def _posthoc(self, estimator: Any, model: Any, keys: Sequence[str]):
         t0 = time.perf_counter()
@@ -396,7 +432,7 @@ class _SeedRun:
             tuned = fn(base, X, y, epochs=epochs, lr=lr, batch_size=s.batch_size,
                        optimizer=s.optimizer, random_state=self.seed, device=s.device,
                        **kwargs)
-            score = _measure(tuned, self.X_val, self.y_val, self.C,
+            score = evaluate_model(tuned, self.X_val, self.y_val, self.C,
                              s.batch_size_eval)["balanced_accuracy"]
             scores[str(lr)] = score
             if score > best_score:
@@ -413,7 +449,7 @@ class _SeedRun:
 
     def _class_balanced_finetune__spectral_surgery(self):
         model, sec, det = self.get("class_balanced_finetune")
-        curvature = _curvature_data(self.splits, self.settings.curvature_samples, self.seed,
+        curvature = curvature_sample(self.splits, self.settings.curvature_samples, self.seed,
                                     True)
         out, sec2, det2 = self._surgery_on(model, curvature=curvature)
         return out, sec + sec2, {"class_balanced_finetune": det, **det2}
@@ -560,7 +596,7 @@ def run_benchmark(
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     model, seconds, details = run.get(method)
-                    metrics = _measure(model, X_test, y_test, splits.n_classes,
+                    metrics = evaluate_model(model, X_test, y_test, splits.n_classes,
                                        cfg.batch_size_eval)
                 row.update({k: metrics[k] for k in METRICS})
                 row.update(worst_class=metrics["worst_class"],

@@ -1,0 +1,80 @@
+"""Helpers shared by the side-experiment scripts in benchmarks/ (not part of the library)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+IMAGES = HERE.parent / "docs" / "images"
+
+
+def setup(threads: int = 1) -> None:
+    """One thread: small models run faster on it, and the CPU is shared."""
+    torch.set_num_threads(threads)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _safe(value.tolist())
+    if isinstance(value, torch.Tensor):
+        return _safe(value.detach().cpu().tolist())
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(name: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    import hessrebal
+    from hessrebal.bench import _git_commit
+
+    data = {**data, "hessrebal": {"path": str(Path(hessrebal.__file__).parent),
+                                  "git_commit": _git_commit(),
+                                  "torch_threads": torch.get_num_threads()}}
+    path.write_text(json.dumps(_safe(data), indent=1, allow_nan=False) + "\n")
+    return path
+
+
+def write_text(name: str, text: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(text)
+    return path
+
+
+def mean_std(values: Any, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
+    """``mean ± std`` (sample std) of the finite values, scaled (percent by default)."""
+    a = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    a = a[np.isfinite(a)]
+    if a.size == 0:
+        return "–"
+    sign = "+" if signed else ""
+    text = f"{a.mean() * scale:{sign}.{digits}f}"
+    if a.size > 1:
+        text += f" ± {a.std(ddof=1) * scale:.{digits}f}"
+    return text
