@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import queue
 from collections.abc import Callable, Mapping
 from numbers import Integral, Real
 from typing import Any
@@ -33,7 +34,7 @@ from ._data import LabelledData, as_data
 from ._model import FunctionalModel, predict_logits
 from .amplitude import GammaDecay
 from .metrics import balanced_accuracy, class_std, per_class_accuracy
-from .parameters import ParameterSpace
+from .parameters import ParameterSpace, unwrap_model
 from .sensitivity import FiniteDifferenceSensitivity, SoftmaxSurrogateSensitivity
 from .solvers import CvxpyQPSolver
 from .spectrum import LanczosSpectrum
@@ -188,7 +189,8 @@ class SpectralSurgeonSearch(BaseEstimator):
         (balanced accuracy − ``std_penalty`` · class σ), ``"worst_class"``,
         or ``callable(surgeon, model, X, y) -> float`` (larger is better; it
         receives the scoring part as tensors, or as a Dataset with
-        ``y=None``). See :func:`surgery_score`.
+        ``y=None``, and the model, a private copy when ``n_jobs > 1``).
+        See :func:`surgery_score`.
     std_penalty : float, default=1.0
         λ of ``"balanced_accuracy_minus_std"``.
     validation_fraction : float, default=0.5
@@ -224,8 +226,10 @@ class SpectralSurgeonSearch(BaseEstimator):
         Stop starting trials after this many seconds.
     n_jobs : int, default=1
         Parallel trials in threads of this process (``-1``: one per CPU);
-        not reproducible. Use several processes with a shared ``storage`` to
-        scale further.
+        not reproducible. Each thread works on its own deep copy of the
+        model (a forward pass through ``torch.func.functional_call`` swaps
+        the module's parameters, so threads cannot share one module). Use
+        several processes with a shared ``storage`` to scale further.
 
     Attributes
     ----------
@@ -357,18 +361,22 @@ class SpectralSurgeonSearch(BaseEstimator):
             study_name=self.study_name, direction="maximize",
             load_if_exists=self.load_if_exists)
         parts = [(val.subset(f), val.subset(s)) for f, s in self.splits_]
+        models = self._model_pool(model)
 
         own: list[int] = []  # this call's trials; other workers add theirs to the study
 
         def objective(trial: optuna.Trial) -> float:
             own.append(trial.number)
             params = {name: _suggest(trial, name, dist) for name, dist in space.items()}
+            trial_model = models.get()
             try:
-                return self._evaluate(trial, surgeon, model, parts, _decode(params, decoders),
-                                      fit_params)
+                return self._evaluate(trial, surgeon, trial_model, parts,
+                                      _decode(params, decoders), fit_params)
             except Exception as exc:
                 trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
                 raise
+            finally:
+                models.put(trial_model)
 
         study.optimize(objective, n_trials=self.n_trials, timeout=self.timeout,
                        n_jobs=self.n_jobs, catch=(Exception,))
@@ -483,6 +491,21 @@ class SpectralSurgeonSearch(BaseEstimator):
                 setattr(est, prefix, defaults[prefix])
         est.set_params(**nested)
         return est
+
+    def _model_pool(self, model: Any) -> queue.Queue:
+        """One model per concurrent trial.
+
+        ``torch.func.functional_call`` swaps a module's parameters in place
+        for the duration of a forward pass, so two threads must never run
+        the same module: with ``n_jobs > 1`` each thread borrows its own deep
+        copy, made here before any thread starts.
+        """
+        n = self.n_jobs if self.n_jobs != -1 else (os.cpu_count() or 1)
+        pool: queue.Queue = queue.Queue()
+        pool.put(model)
+        for _ in range(n - 1):
+            pool.put(copy.deepcopy(unwrap_model(model)))
+        return pool
 
     def _reference_budget(self, surgeon: SpectralSurgeon, model: Any, val: LabelledData,
                           fit_params: Mapping[str, Any]) -> float:

@@ -258,3 +258,17 @@ def test_prediction_errors():
         SurgicalClassifier(model, surgeon=GammaDecay()).fit(X, np.arange(30) % 3)
     with pytest.raises(ValueError, match="batch_size"):
         SurgicalClassifier(model, batch_size=0).fit(X, np.arange(30) % 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_moves_only_the_private_copy():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3))
+    X = np.random.default_rng(0).normal(size=(60, 3))
+    y = np.arange(60) % 3
+    clf = SurgicalClassifier(model, SpectralSurgeon(max_steps=2, random_state=0), device="cuda")
+    proba = clf.fit(X, y).predict_proba(X)
+    assert next(model.parameters()).device.type == "cpu"
+    assert next(clf.model_.parameters()).device.type == "cuda"
+    cpu = SurgicalClassifier(model, SpectralSurgeon(max_steps=2, random_state=0)).fit(X, y)
+    np.testing.assert_allclose(proba, cpu.predict_proba(X), atol=1e-4)

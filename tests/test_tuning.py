@@ -351,3 +351,20 @@ def test_two_worker_processes_share_one_journal_study(tmp_path):
         torch.arange(30) % 3)
     assert len(optuna.load_study(study_name="shared",
                                  storage=_resolve_storage(journal)).trials) == 7
+
+
+def test_parallel_threads_run_all_trials(task):
+    model, X, y, *_ = task
+    search = SpectralSurgeonSearch(_surgeon(), {"budget": FloatDistribution(0.01, 0.2, log=True)},
+                                   n_trials=4, n_jobs=2, random_state=0).fit(model, X, y)
+    assert search.n_trials_ == 4
+    assert all(t.state == TrialState.COMPLETE for t in search.study_.trials)
+    assert search.best_score_ == max(t.value for t in search.study_.trials)
+    # Threads never share a module (functional_call swaps its parameters):
+    # every trial's value is what a sequential fit gives.
+    (fit_idx, score_idx), = search.splits_
+    for t in search.study_.trials:
+        s = _surgeon(budget=t.params["budget"], random_state=0).fit(model, X[fit_idx],
+                                                                   y[fit_idx])
+        assert t.value == pytest.approx(
+            _balanced_accuracy_by_hand(s, model, X[score_idx], y[score_idx]), abs=1e-12)
