@@ -1,0 +1,107 @@
+"""One Hessian-vector product over a data set against one full gradient over
+the same data and chunks, on the reference MLP and SmallCNN.
+
+Prints JSON: per model, the HVP/gradient ratio with the operator's defaults
+(first-order graphs kept: ``cached``), beyond the cache budget
+(``cache_bytes=0``: ``uncached``), the cost of the first product (which builds
+the graphs), and the time per sample of a kept product across chunk sizes.
+
+    python benchmarks/perf_hvp.py [--threads 1] [--rounds 5] [--output FILE]
+
+The gradient is the cheaper of ``HessianOperator.gradient()`` and a plain
+``model(x)`` / ``loss.backward()`` loop over the same chunks, so the ratio is
+against the fastest gradient a user would write.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from _perf import emit, interleaved, ratio, setup, timed
+
+from hessrebal.curvature import HessianOperator
+from hessrebal.datasets import load_long_tailed
+from hessrebal.models import MLP, SmallCNN
+
+
+def plain_gradient(model, X, y, batch_size):
+    model.zero_grad(set_to_none=True)
+    for start in range(0, X.shape[0], batch_size):
+        x, t = X[start:start + batch_size], y[start:start + batch_size]
+        F.cross_entropy(model(x), t, reduction="sum").backward()
+    return [p.grad for p in model.parameters()]
+
+
+def measure(name, model, X, y, batch_size, rounds, chunk_sizes):
+    model.eval()
+    cached = HessianOperator(model, X, y, batch_size=batch_size)
+    uncached = HessianOperator(model, X, y, batch_size=batch_size, cache_bytes=0)
+    v = torch.randn(cached.shape[0], generator=torch.Generator().manual_seed(0))
+    first = timed(lambda: cached.matvec(v))  # builds and keeps every chunk's graph
+    uncached.matvec(v)  # warm-up
+    times = interleaved({
+        "gradient_operator": cached.gradient,
+        "gradient_plain": lambda: plain_gradient(model, X, y, batch_size),
+        "hvp_cached": lambda: cached.matvec(v),
+        "hvp_uncached": lambda: uncached.matvec(v),
+    }, rounds)
+    best_grad = ("gradient_plain" if min(times["gradient_plain"]) < min(times["gradient_operator"])
+                 else "gradient_operator")
+    times["gradient"] = times[best_grad]
+    out = {
+        "model": name,
+        "n_samples": int(X.shape[0]),
+        "n_parameters": cached.shape[0],
+        "batch_size": batch_size,
+        "n_chunks": -(-X.shape[0] // batch_size),
+        "cache_bytes_used": cached.cache_used,
+        "cached_chunks": cached.n_cached_chunks,
+        "gradient_seconds": min(times["gradient"]),
+        "gradient_reference": best_grad,
+        "hvp_cached_seconds": min(times["hvp_cached"]),
+        "hvp_uncached_seconds": min(times["hvp_uncached"]),
+        "ratio_cached": ratio(times, "hvp_cached", "gradient"),
+        "ratio_uncached": ratio(times, "hvp_uncached", "gradient"),
+        "ratio_first_product": first / min(times["gradient"]),
+    }
+    per_sample = {}
+    for bs in chunk_sizes:
+        op = HessianOperator(model, X, y, batch_size=bs)
+        op.matvec(v)
+        per_sample[str(bs)] = {
+            "cached_us_per_sample": 1e6 * min(timed(lambda op=op: op.matvec(v))
+                                              for _ in range(max(2, rounds // 2))) / X.shape[0]}
+    out["chunk_sizes"] = per_sample
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--n-mlp", type=int, default=2400)
+    parser.add_argument("--n-cnn", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    env = setup(args.threads)
+    splits = load_long_tailed("mnist", random_state=0)
+    X = torch.cat([splits.X_train, splits.X_val, splits.X_test]).float()
+    y = torch.cat([splits.y_train, splits.y_val, splits.y_test])
+    torch.manual_seed(0)
+    results = [
+        measure("MLP(784-256-128-10)", MLP(784, (256, 128), 10), X[:args.n_mlp], y[:args.n_mlp],
+                args.batch_size, args.rounds, (128, 256, 512, 1024)),
+        measure("SmallCNN(1x28x28, width 16)", SmallCNN(1, 28, 10),
+                X[:args.n_cnn].reshape(-1, 1, 28, 28), y[:args.n_cnn],
+                min(args.batch_size, 256), args.rounds, (64, 128, 256, 512)),
+    ]
+    emit({"benchmark": "hvp_vs_gradient", "environment": env,
+          "targets": {"ratio_cached": 1.5, "ratio_uncached": 2.5},
+          "results": results}, args.output)
+
+
+if __name__ == "__main__":
+    main()
