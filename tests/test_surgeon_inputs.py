@@ -27,6 +27,14 @@ def data(n=N):
     return torch.randn(n, D_IN, generator=g, dtype=torch.float64), torch.arange(n) % C
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def hvp_calls(monkeypatch):
     """Counts Hessian-vector products: a bad input must fail before the first."""
