@@ -1,0 +1,236 @@
+"""The demo's Markdown report and its figures."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .metrics import balanced_accuracy, class_std
+
+__all__ = ["FIGURES", "render_report", "write_figures", "write_report"]
+
+#: The figures :func:`write_report` writes next to ``report.md``.
+FIGURES = {
+    "per_class": "per_class_accuracy.png",
+    "spectrum": "spectrum.png",
+    "sensitivity": "sensitivity.png",
+    "history": "history.png",
+}
+
+_METHODS = (("before", "before"), ("after", "spectral surgery"),
+            ("logit_adjustment", "logit adjustment"))
+
+
+def _figure(figsize: tuple[float, float]):
+    # A bare Figure, not pyplot: no GUI backend, no global state to leak.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, layout="constrained")
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def write_figures(result: Any, output_dir: Path) -> dict[str, Path]:
+    """Draw the four figures of a :class:`~hessrebal.demo.DemoResult`.
+
+    Returns the paths by key of :data:`FIGURES`.
+    """
+    from .plotting import (
+        HistoryDisplay,
+        PerClassAccuracyDisplay,
+        SensitivityDisplay,
+        SpectrumDisplay,
+    )
+
+    s = result.surgeon
+    C = len(result.classes)
+    paths = {key: output_dir / name for key, name in FIGURES.items()}
+
+    fig = _figure((max(6.5, 0.91 * C), 4.6))
+    PerClassAccuracyDisplay(
+        result.before["per_class_accuracy"], result.after["per_class_accuracy"],
+        baselines={"logit adjustment": result.logit_adjustment["per_class_accuracy"]},
+        class_counts=result.class_counts, class_names=result.classes,
+    ).plot(ax=fig.subplots(), title="Per-class accuracy on the held-out test split")
+    _save(fig, paths["per_class"])
+
+    spec = result.spectrum
+    if spec is not None and spec.get("density") is not None:
+        fig = _figure((11.0, 4.2))
+        axes = list(fig.subplots(1, 2))
+        SpectrumDisplay(spec["eigenvalues"], residuals=spec["residuals"],
+                        density_grid=spec["density_grid"], density=spec["density"],
+                        n_spikes=spec.get("n_spikes"), n_classes=C).plot(ax=axes)
+    else:
+        fig = _figure((6.0, 4.2))
+        eigenvalues = s.eigenvalues_ if spec is None else spec["eigenvalues"]
+        SpectrumDisplay(eigenvalues, n_spikes=None if spec is not None else s.n_components_,
+                        n_classes=C).plot(ax=fig.subplots())
+    _save(fig, paths["spectrum"])
+
+    k = s.sensitivity_.shape[1] if s.sensitivity_ is not None else 1
+    fig = _figure((max(5.5, 0.75 * k + 3.0), max(4.0, 0.42 * C + 1.6)))
+    if s.sensitivity_ is not None:
+        SensitivityDisplay(s.sensitivity_, eigenvalues=s.eigenvalues_,
+                           class_counts=result.class_counts, class_names=result.classes,
+                           ).plot(ax=fig.subplots())
+    else:
+        fig.text(0.5, 0.5, "no step was taken (max_steps=0)", ha="center")
+    _save(fig, paths["sensitivity"])
+
+    fig = _figure((7.5, 6.0))
+    if s.history_:
+        HistoryDisplay.from_surgeon(s, ax=list(fig.subplots(2, 1, sharex=True)))
+    else:
+        fig.text(0.5, 0.5, "no step was taken (max_steps=0)", ha="center")
+    _save(fig, paths["history"])
+    return paths
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and math.isnan(value):
+        return "n/a"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = ["---:" if a == "r" else ":---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_report(result: Any) -> str:
+    """The Markdown text of the demo report (figures referenced by file name)."""
+    s = result.surgeon
+    st = result.settings
+    classes = result.classes
+    counts = result.class_counts
+    order = np.argsort(-counts, kind="stable")
+    res = {key: getattr(result, key) for key, _ in _METHODS}
+    n_test = st.get("n_test")
+    out: list[str] = []
+    out.append("# hessrebal demo report\n")
+    out.append(
+        f"A {st['model']} trained for {st['epochs']} epochs on `{st['dataset']}` "
+        f"(imbalance ratio {st['imbalance_ratio']:g}: {int(counts.max())} training images in the "
+        f"largest class, {int(counts.min())} in the smallest), then rebalanced by "
+        "`SpectralSurgeon` with its defaults on the balanced validation split. Post-hoc logit "
+        "adjustment (training prior, τ tuned on the validation split) is the reference. "
+        "Every number below is measured on the balanced **test** split"
+        + (f" ({n_test} images)" if n_test else "")
+        + ", which neither the training, the surgery nor the tuning of τ saw.\n")
+    out.append(f"![Per-class accuracy before and after]({FIGURES['per_class']})\n")
+
+    out.append("## Summary\n")
+    rows = []
+    for key, label in (("balanced_accuracy", "balanced accuracy"),
+                       ("class_std", "class std σ"), ("worst_class_accuracy", "worst class"),
+                       ("accuracy", "accuracy"), ("nll", "NLL")):
+        row: list[Any] = [label]
+        for m, _ in _METHODS:
+            value = res[m].get(key)
+            if key == "worst_class_accuracy":
+                row.append(f"{value:.3f} (class {classes[res[m]['worst_class']]})")
+            else:
+                row.append(value)
+        rows.append(row)
+    out.append(_table(["metric", *[name for _, name in _METHODS]], rows) + "\n")
+
+    out.append("## Per-class accuracy (test split)\n")
+    out.append("Classes by decreasing training count.\n")
+    rows = []
+    for c in order:
+        b = res["before"]["per_class_accuracy"][c]
+        a = res["after"]["per_class_accuracy"][c]
+        la = res["logit_adjustment"]["per_class_accuracy"][c]
+        rows.append([classes[c], int(counts[c]), b, a, f"{a - b:+.3f}", la])
+    out.append(_table(["class", "n_train", "before", "spectral surgery", "change",
+                       "logit adjustment"], rows) + "\n")
+
+    out.append("## The surgery\n")
+    accepted = sum(bool(h["accepted"]) for h in s.history_)
+    lam = ", ".join(f"{v:.3g}" for v in s.eigenvalues_)
+    before_sel, after_sel = s.per_class_accuracy_before_, s.per_class_accuracy_after_
+    out.append(
+        f"- spikes used: {s.n_components_} (eigenvalues {lam})\n"
+        f"- initial budget α_max: {s.initial_budget_:.4g}"
+        + (" (data-driven: √(2κ/λ₁), κ = 0.05)" if s.budget is None else "") + "\n"
+        f"- steps: {accepted} of {len(s.history_)} accepted; {s.n_hvp_} Hessian-vector products\n"
+        f"- predicted loss increase ½Σλᵢαᵢ²: {s.predicted_loss_increase_:.4f}\n"
+        f"- on the selection (validation) data: σ {class_std(before_sel):.3f} → "
+        f"{class_std(after_sel):.3f}, balanced accuracy {balanced_accuracy(before_sel):.3f} → "
+        f"{balanced_accuracy(after_sel):.3f}\n")
+    spec = result.spectrum
+    if spec is not None:
+        out.append(
+            f"The top {len(spec['eigenvalues'])} eigenvalues of the Hessian the surgeon used "
+            f"(the validation data) show {spec['n_spikes']} spikes by the eigengap rule "
+            f"(C − 1 = {len(classes) - 1}); the right panel is the stochastic-Lanczos "
+            "estimate of the whole spectral density.\n")
+    out.append(f"![Hessian spectrum]({FIGURES['spectrum']})\n")
+    out.append("How each class's (surrogate) accuracy responds to a step along each spike, "
+               "at the trained model:\n")
+    out.append(f"![Spike-class sensitivity]({FIGURES['sensitivity']})\n")
+    out.append("### Steps\n")
+    rows = []
+    for h in s.history_:
+        rows.append([h["step"] + 1, f"{h['budget']:.4g}",
+                     "accepted" if h["accepted"] else "rolled back", h["reason"],
+                     h.get("candidate_class_std"), h["class_std"], h["balanced_accuracy"],
+                     f"{h['predicted_loss_increase']:.4f}"])
+    out.append(_table(["step", "budget", "decision", "reason", "candidate σ", "σ after",
+                       "balanced accuracy after", "predicted loss increase"], rows,
+                      align="rrllrrrr") + "\n")
+    out.append(f"![Amplitude control]({FIGURES['history']})\n")
+
+    out.append("## Settings\n")
+    rows = [[k, st[k]] for k in ("dataset", "imbalance_ratio", "random_state", "epochs",
+                                  "model", "n_train", "n_val", "n_test") if k in st]
+    out.append(_table(["setting", "value"], rows, align="ll") + "\n")
+    out.append("SpectralSurgeon parameters:\n")
+    out.append(_table(["parameter", "value"],
+                      [[k, f"`{v}`"] for k, v in st.get("surgeon", {}).items()],
+                      align="ll") + "\n")
+
+    out.append("## Timings\n")
+    rows = [[k.replace("_", " "), f"{v:.1f}"] for k, v in result.timings.items()]
+    rows.append(["total", f"{sum(result.timings.values()):.1f}"])
+    out.append(_table(["stage", "seconds"], rows) + "\n")
+    return "\n".join(out)
+
+
+def write_report(result: Any, output_dir: str | Path) -> Path:
+    """Write ``report.md`` and its four figures for a demo result.
+
+    Parameters
+    ----------
+    result : DemoResult
+        From :func:`hessrebal.demo.run_demo` (with ``spectrum=True`` the
+        spectrum figure includes the SLQ density and the top of the bulk).
+    output_dir : str or Path
+        Created if needed; existing files of the same names are replaced.
+
+    Returns
+    -------
+    Path
+        The path of ``report.md``.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"output directory {str(output_dir)!r} is a file.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_figures(result, output_dir)
+    path = output_dir / "report.md"
+    path.write_text(render_report(result), encoding="utf-8")
+    return path
