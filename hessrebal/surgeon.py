@@ -64,6 +64,13 @@ def default_budget(top_eigenvalue: float, loss_increase: float = BUDGET_LOSS_INC
     return math.sqrt(2.0 * loss_increase / lam)
 
 
+def default_strategies() -> dict[str, Any]:
+    """Fresh instances of the strategies ``SpectralSurgeon`` uses for ``None``."""
+    return {"spectrum": LanczosSpectrum(tol=1e-3),
+            "sensitivity": SoftmaxSurrogateSensitivity(kind="margin"),
+            "solver": CvxpyQPSolver(), "amplitude": GammaDecay(gamma=0.7)}
+
+
 def _weight_power_rule(accuracy: np.ndarray) -> float:
     """The paper's rule for p: 2 when e_max/e_min < 5, else ½ (severe imbalance)."""
     e = 1.0 - accuracy[np.isfinite(accuracy)]
@@ -771,9 +778,7 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         amplitude controller through ``initial`` (grow > 1, shrink and gamma
         in (0, 1), ...), so a bad setting fails before the first product.
         """
-        defaults = {"spectrum": LanczosSpectrum(tol=1e-3),
-                    "sensitivity": SoftmaxSurrogateSensitivity(kind="margin"),
-                    "solver": CvxpyQPSolver(), "amplitude": GammaDecay(gamma=0.7)}
+        defaults = default_strategies()
         out = {}
         for name, methods in _STRATEGY_METHODS.items():
             given = getattr(self, name)

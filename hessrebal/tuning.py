@@ -36,9 +36,7 @@ from .amplitude import GammaDecay
 from .metrics import balanced_accuracy, class_std, per_class_accuracy
 from .parameters import ParameterSpace, unwrap_model
 from .sensitivity import FiniteDifferenceSensitivity, SoftmaxSurrogateSensitivity
-from .solvers import CvxpyQPSolver
-from .spectrum import LanczosSpectrum
-from .surgeon import SpectralSurgeon
+from .surgeon import SpectralSurgeon, default_strategies
 
 __all__ = ["SCORINGS", "SpectralSurgeonSearch", "default_param_distributions", "surgery_score"]
 
@@ -50,18 +48,6 @@ _JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 
 #: Range of the default budget search, as factors of the reference budget.
 BUDGET_RANGE = (0.1, 10.0)
-
-
-def _default_strategies() -> dict[str, Any]:
-    # The strategies SpectralSurgeon.fit uses when its argument is None; a
-    # nested parameter such as ``amplitude__gamma`` needs an object to set it
-    # on. tests/test_tuning.py checks that both give the same fit.
-    return {
-        "spectrum": LanczosSpectrum(tol=1e-3),
-        "sensitivity": SoftmaxSurrogateSensitivity(kind="margin"),
-        "solver": CvxpyQPSolver(),
-        "amplitude": GammaDecay(gamma=0.7),
-    }
 
 
 def default_param_distributions(
@@ -485,7 +471,7 @@ class SpectralSurgeonSearch(BaseEstimator):
         top = {k: v for k, v in values.items() if "__" not in k}
         nested = {k: v for k, v in values.items() if "__" in k}
         est.set_params(**top)
-        defaults = _default_strategies()
+        defaults = default_strategies()
         for prefix in {k.split("__", 1)[0] for k in nested}:
             if getattr(est, prefix, None) is None and prefix in defaults:
                 setattr(est, prefix, defaults[prefix])
@@ -662,7 +648,7 @@ def _decode(params: Mapping[str, Any], decoders: Mapping[str, Mapping[Any, Any]]
 
 def _check_space_names(surgeon: SpectralSurgeon, space: Mapping[str, Any]) -> None:
     probe = clone(surgeon)
-    for name, strategy in _default_strategies().items():
+    for name, strategy in default_strategies().items():
         if getattr(probe, name) is None:
             setattr(probe, name, strategy)
     valid = set(probe.get_params(deep=True))

@@ -20,10 +20,9 @@ from hessrebal import SpectralSurgeon
 from hessrebal.amplitude import GammaDecay
 from hessrebal.models import train_model
 from hessrebal.sensitivity import FiniteDifferenceSensitivity, SoftmaxSurrogateSensitivity
-from hessrebal.surgeon import BUDGET_LOSS_INCREASE
+from hessrebal.surgeon import BUDGET_LOSS_INCREASE, default_strategies
 from hessrebal.tuning import (
     SpectralSurgeonSearch,
-    _default_strategies,
     _resolve_storage,
     default_param_distributions,
 )
@@ -246,7 +245,7 @@ def test_custom_distributions_nested_names_and_object_choices(task):
 def test_default_strategies_are_those_the_surgeon_uses(task):
     model, X, y, *_ = task
     a = SpectralSurgeon(max_steps=2, random_state=0).fit(model, X, y)
-    b = SpectralSurgeon(max_steps=2, random_state=0, **_default_strategies()).fit(model, X, y)
+    b = SpectralSurgeon(max_steps=2, random_state=0, **default_strategies()).fit(model, X, y)
     assert torch.equal(a.perturbation_, b.perturbation_)
     assert [h["budget"] for h in a.history_] == [h["budget"] for h in b.history_]
 
