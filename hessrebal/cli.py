@@ -359,6 +359,7 @@ def _spectrum(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``hessrebal`` argument parser with its subcommands."""
     parser = argparse.ArgumentParser(
         prog="hessrebal",
         description="Post-hoc per-class rebalancing of trained PyTorch classifiers "
@@ -443,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; errors in the input are one line on stderr (exit 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

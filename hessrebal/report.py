@@ -122,10 +122,10 @@ def render_report(result: Any) -> str:
     out: list[str] = []
     out.append("# hessrebal demo report\n")
     out.append(
-        f"A {st['model']} trained for {st['epochs']} epochs on `{st['dataset']}` "
+        f"The demo trains {st['model']} for {st['epochs']} epochs on `{st['dataset']}` "
         f"(imbalance ratio {st['imbalance_ratio']:g}: {int(counts.max())} training images in the "
-        f"largest class, {int(counts.min())} in the smallest), then rebalanced by "
-        "`SpectralSurgeon` with its defaults on the balanced validation split. Post-hoc logit "
+        f"largest class, {int(counts.min())} in the smallest), then rebalances it with "
+        "`SpectralSurgeon` on the balanced validation split. Post-hoc logit "
         "adjustment (training prior, τ tuned on the validation split) is the reference. "
         "Every number below is measured on the balanced **test** split"
         + (f" ({n_test} images)" if n_test else "")

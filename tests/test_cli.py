@@ -270,3 +270,19 @@ def test_top_level_help_lists_commands(capsys):
     text = capsys.readouterr().out
     for command in ("demo", "spectrum"):
         assert command in text
+
+
+# ------------------------------------------------------------------ docs/api
+def test_api_reference_is_current():
+    """docs/api.md is generated from the docstrings; regenerate it after a change."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "_make_api.py"
+    spec = importlib.util.spec_from_file_location("_make_api", path)
+    make_api = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_api)
+    text = make_api.render()
+    assert "class `SpectralSurgeon(" in text and "`write_report(result, output_dir)`" in text
+    assert make_api.OUT.read_text(encoding="utf-8") == text, (
+        "docs/api.md is out of date: run `python docs/_make_api.py`.")
