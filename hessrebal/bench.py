@@ -395,10 +395,16 @@ class _SeedRun:
         details = {k: _json_safe(getattr(estimator, k)) for k in keys}
         return out, time.perf_counter() - t0, details
 
+    @property
+    def prior(self) -> np.ndarray:
+        # A class with no training sample (possible in tiny ISIC folders)
+        # counts as one, so log π stays finite.
+        counts = np.maximum(np.asarray(self.splits.class_counts, dtype=np.float64), 1.0)
+        return counts / counts.sum()
+
     def _logit_adjustment(self):
         model = self.get("baseline")[0]
-        return self._posthoc(LogitAdjustment(class_prior=self.splits.class_prior), model,
-                             ("tau_",))
+        return self._posthoc(LogitAdjustment(class_prior=self.prior), model, ("tau_",))
 
     def _tau_normalization(self):
         return self._posthoc(TauNormalization(), self.get("baseline")[0], ("tau_", "layer_"))
@@ -411,8 +417,8 @@ class _SeedRun:
 
     def _spectral_surgery__logit_adjustment(self):
         model, sec, det = self.get("spectral_surgery")
-        out, sec2, det2 = self._posthoc(LogitAdjustment(class_prior=self.splits.class_prior),
-                                        model, ("tau_",))
+        out, sec2, det2 = self._posthoc(LogitAdjustment(class_prior=self.prior), model,
+                                        ("tau_",))
         return out, sec + sec2, {"surgery": _public(det), "logit_adjustment": det2}
 
     def _logit_adjustment__spectral_surgery(self):
@@ -486,6 +492,7 @@ def run_benchmark(
     output: str | os.PathLike | None = None,
     log: Callable[[str], None] | None = None,
     raise_errors: bool = False,
+    dataset_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run every method on every seed and measure on the held-out test split.
 
@@ -517,6 +524,9 @@ def run_benchmark(
     raise_errors : bool, default=False
         Re-raise a failing method; by default its row records the error and
         its metrics are null.
+    dataset_kwargs : dict, optional
+        Extra keyword arguments for ``load_long_tailed`` (e.g.
+        ``val_per_class``, ``image_size``, ``verify_checksums``).
 
     Returns
     -------
@@ -573,6 +583,7 @@ def run_benchmark(
     result: dict[str, Any] = {"rows": [], "settings": {
         "dataset": dataset, "imbalance_ratio": imbalance_ratio, "seeds": seed_list,
         "methods": wanted, "quick": bool(quick), "root": None if root is None else str(root),
+        "dataset_kwargs": dict(dataset_kwargs or {}),
         "bench": asdict(cfg), "split": "test (held out; all tuning on validation)",
         "hessrebal": _version(), "git_commit": _git_commit(),
         "torch": torch.__version__, "python": platform.python_version(),
@@ -581,7 +592,7 @@ def run_benchmark(
     }}
     for seed in seed_list:
         splits = load_long_tailed(dataset, imbalance_ratio=imbalance_ratio, random_state=seed,
-                                  root=root)
+                                  root=root, **(dataset_kwargs or {}))
         if result["settings"]["imbalance_ratio"] is None:
             result["settings"]["imbalance_ratio"] = float(splits.imbalance_ratio)
         run = _SeedRun(splits, seed, cfg, log)
@@ -812,6 +823,10 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS, metavar="METHOD",
                    help="subset of: " + ", ".join(METHODS))
     p.add_argument("--root", default=None, help="data directory (cifar10-lt, isic2019)")
+    p.add_argument("--val-per-class", type=int, default=None,
+                   help="validation images per class (digit sets, cifar10-lt)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="isic2019: images resized to this square size (default 64)")
     p.add_argument("--model", default=None, help="mlp, cnn, resnet32 or resnet18_cifar")
     p.add_argument("--epochs", type=int, default=None,
                    help="training epochs (default: a fixed number of steps)")
@@ -834,8 +849,8 @@ def _command_line(args: argparse.Namespace, dataset: str, seeds: Any) -> str:
     parts += ["--output", str(args.output)]
     if args.quick:
         parts.append("--quick")
-    for flag in ("imbalance_ratio", "root", "model", "epochs", "device", "max_steps",
-                 "threads"):
+    for flag in ("imbalance_ratio", "root", "val_per_class", "image_size", "model", "epochs",
+                 "device", "max_steps", "threads"):
         value = getattr(args, flag)
         if value is not None:
             parts += ["--" + flag.replace("_", "-"), f"{value:g}" if isinstance(value, float)
@@ -869,10 +884,16 @@ def _bench_command(args: argparse.Namespace) -> int:
         overrides["device"] = args.device
     if args.max_steps is not None:
         overrides["surgeon"] = {"max_steps": args.max_steps}
+    dataset_kwargs: dict[str, Any] = {}
+    if args.val_per_class is not None:
+        dataset_kwargs["val_per_class"] = args.val_per_class
+    if args.image_size is not None:
+        dataset_kwargs["image_size"] = args.image_size
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = run_benchmark(dataset, seeds, imbalance_ratio=args.imbalance_ratio,
                            methods=args.methods, root=args.root, quick=args.quick,
-                           settings=overrides or None, output=args.output, log=log)
+                           settings=overrides or None, output=args.output, log=log,
+                           dataset_kwargs=dataset_kwargs or None)
     result["settings"]["command"] = _command_line(args, dataset, seeds)
     _write_json(Path(args.output), result)
     print(format_table(summarize(result)))

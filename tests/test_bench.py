@@ -5,12 +5,22 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from hessrebal.bench import METHODS, POST_HOC, format_table, run_benchmark, summarize
 from hessrebal.cli import main
 
 TINY = {"train_steps": 40, "hidden": (16,), "finetune_steps": 4, "finetune_lrs": (1e-3,),
         "curvature_samples": 96, "surgeon": {"max_steps": 2}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models run faster on one thread, the more so on a shared CPU.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _strict_json(text):
@@ -137,3 +147,54 @@ def test_summary_mean_std_and_paired_deltas():
     assert f"| {100 * diffs.mean():+.1f} ± {100 * diffs.std(ddof=1):.1f} |" in table
     assert "**Spectral Surgery** (1 failed)" in table
     assert "imbalance ratio 10" in table and "imbalance ratio 1**" in table
+
+
+IMAGE_TINY = {"epochs": 1, "batch_size": 16, "finetune_epochs": 1, "finetune_lrs": (1e-3,),
+              "curvature_samples": 16, "batch_size_eval": 32,
+              "surgeon": {"max_steps": 1, "n_components": 2}}
+
+
+def test_bench_on_fake_cifar10_lt_files(tmp_path):
+    from tests.test_datasets import _write_cifar
+
+    _write_cifar(tmp_path, per_class_train=12, per_class_test=3)
+    result = run_benchmark(
+        "cifar10-lt", seeds=1, imbalance_ratio=10, root=tmp_path,
+        methods=["baseline", "logit_adjustment", "spectral_surgery", "bulk_directions"],
+        settings={**IMAGE_TINY, "model": "cnn"}, raise_errors=True,
+        dataset_kwargs={"verify_checksums": False, "val_per_class": 2})
+    rows = result["rows"]
+    assert [r["method"] for r in rows] == ["baseline", "logit_adjustment", "spectral_surgery",
+                                           "bulk_directions"]
+    assert all(math.isfinite(r["balanced_accuracy"]) for r in rows)
+    assert rows[0]["details"]["train_size"] == sum(result["settings"]["class_counts_seed_0"])
+
+
+def test_bench_on_fake_isic2019_files(tmp_path):
+    from tests.test_datasets import _write_isic
+
+    _write_isic(tmp_path, counts=(6, 12, 5, 5, 5, 5, 5, 5), unk=0)
+    result = run_benchmark(
+        "isic2019", seeds=1, root=tmp_path, methods=["baseline", "class_bias",
+                                                     "class_balanced_finetune"],
+        settings={**IMAGE_TINY, "model": "cnn"}, raise_errors=True,
+        dataset_kwargs={"image_size": 8})
+    assert [r["method"] for r in result["rows"]] == ["baseline", "class_bias",
+                                                      "class_balanced_finetune"]
+    assert all(len(r["per_class_accuracy"]) == 8 for r in result["rows"])
+
+
+@pytest.mark.slow
+def test_bench_cifar10_lt_default_resnet(tmp_path):
+    """The CIFAR-10-LT defaults (ResNet-32, every method) on fake files, shortened."""
+    from tests.test_datasets import _write_cifar
+
+    _write_cifar(tmp_path, per_class_train=12, per_class_test=3)
+    result = run_benchmark(
+        "cifar10-lt", seeds=1, imbalance_ratio=10, root=tmp_path, raise_errors=True,
+        settings={"epochs": 1, "finetune_epochs": 1, "curvature_samples": 16,
+                  "surgeon": {"max_steps": 1}},
+        dataset_kwargs={"verify_checksums": False, "val_per_class": 2})
+    assert result["settings"]["bench"]["model"] == "resnet32"
+    assert [r["method"] for r in result["rows"]] == list(METHODS)
+    assert all(math.isfinite(r["nll"]) for r in result["rows"])
