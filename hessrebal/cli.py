@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "on a held-out balanced test split, next to post-hoc logit adjustment. "
                     "With --output-dir, also write report.md (tables, settings, timings) and "
                     "four figures: per-class accuracy, the Hessian spectrum, the spike-class "
-                    "sensitivity and the amplitude steps. Takes about a minute on 2 cores.",
+                    "sensitivity and the amplitude steps. Takes under a minute on 2 cores.",
         epilog="example: hessrebal demo --output-dir demo-output")
     demo.add_argument("--output-dir", default=None, metavar="DIR",
                       help="write report.md and its four PNG figures to DIR (created if "

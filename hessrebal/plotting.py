@@ -256,7 +256,7 @@ class SpectrumDisplay:
         of ``eigenvalues``.
     bulk_edge : float, optional
         Upper edge of the bulk; default the largest eigenvalue that is not a
-        spike (none when every eigenvalue given is a spike).
+        spike (none when every eigenvalue given is a spike, or none is).
     n_classes : int, optional
         ``C``; draws the ``C − 1`` line.
 
@@ -325,7 +325,7 @@ class SpectrumDisplay:
         if not 0 <= n_spikes <= lam.size:
             raise ValueError(f"n_spikes must be in [0, {lam.size}]; got {n_spikes}.")
         bulk_edge = self.bulk_edge
-        if bulk_edge is None and n_spikes < lam.size:
+        if bulk_edge is None and 0 < n_spikes < lam.size:
             bulk_edge = float(lam[n_spikes])
         n_classes = self.n_classes
         if n_classes is not None and (not isinstance(n_classes, (int, np.integer))
@@ -373,7 +373,7 @@ class SpectrumDisplay:
             res = _as_vector(self.residuals, "residuals")
             sub += f" (max residual {float(res.max()):.1e})"
         ax0.set_title(sub)
-        ax0.legend(loc="upper right", fontsize="small")
+        ax0.legend(loc="best", fontsize="small")
         ax0.grid(True, which="major", axis="y", alpha=0.3)
 
         self.density_line_ = None

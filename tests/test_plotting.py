@@ -120,6 +120,9 @@ def test_spectrum_display_from_arrays_spikes_and_bulk_edge():
     assert disp.bulk_line_.get_ydata()[0] == 3.0
     disp = SpectrumDisplay(lam, n_spikes=2, bulk_edge=10.0).plot()
     assert disp.bulk_line_.get_ydata()[0] == 10.0 and disp.class_line_ is None
+    # no spike stands out: no bulk edge either (it would sit on λ₁)
+    disp = SpectrumDisplay([3.1, 3.0, 2.9]).plot()
+    assert disp.n_spikes_ == 0 and disp.bulk_edge_ is None and disp.spike_line_ is None
     # negative eigenvalues cannot sit on a log axis: symlog instead
     disp = SpectrumDisplay([5.0, 1.0, -0.5]).plot()
     assert disp.ax_.get_yscale() == "symlog"
