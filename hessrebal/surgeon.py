@@ -165,7 +165,13 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
     max_std_increase : float, default=0.005
         A candidate whose σ rises by more than this is rolled back.
     max_class_drop : float, default=0.07
-        A candidate in which any class drops by more than this is rolled back.
+        A candidate in which any class drops by more than this (against the
+        current accepted state) is rolled back.
+    max_total_class_drop : float or None, default=None
+        A candidate in which any class has lost more than this since the
+        trained model is rolled back. The paper's guard is per step only, so
+        several accepted steps can add up to a large loss for one class;
+        this caps the total (*ours*; None keeps the paper's rule).
     refresh_spectrum : int, default=1
         Recompute the spectrum every this many steps (the paper: every step);
         0 computes it once. A refresh starts from the previous spikes.
@@ -276,6 +282,7 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         max_steps: int = 10,
         max_std_increase: float = 0.005,
         max_class_drop: float = 0.07,
+        max_total_class_drop: float | None = None,
         refresh_spectrum: int = 1,
         selection_fraction: float | None = None,
         acceptance: str = "tolerance",
@@ -303,6 +310,7 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         self.max_steps = max_steps
         self.max_std_increase = max_std_increase
         self.max_class_drop = max_class_drop
+        self.max_total_class_drop = max_total_class_drop
         self.refresh_spectrum = refresh_spectrum
         self.selection_fraction = selection_fraction
         self.acceptance = acceptance
@@ -399,7 +407,12 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
                                  batch_size=self.batch_size,
                                  output_to_logits=self.output_to_logits,
                                  process_group=process_group, theta=point)
-            spec = _compute_spectrum(spectrum_backend, op, k, init)
+            if self.progress:
+                with _ProgressOperator(op, "spectrum" if init is None else "spectrum refresh") \
+                        as shown:
+                    spec = _compute_spectrum(spectrum_backend, shown, k, init)
+            else:
+                spec = _compute_spectrum(spectrum_backend, op, k, init)
             self.n_hvp_ += op.n_matvec
             return spec
 
@@ -485,7 +498,8 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
                 step = Q @ torch.as_tensor(alpha, dtype=Q.dtype, device=Q.device)
                 candidate = theta + step
                 cand = _evaluate(fmodel, candidate, sel_data, n_classes, self.batch_size)
-                accepted, reason, signal = self._decide(sel_state, cand)
+                accepted, reason, signal = self._decide(sel_state, cand,
+                                                        self.per_class_accuracy_before_)
             if accepted:
                 theta = candidate
                 sel_state = cand
@@ -739,6 +753,8 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         if self.curvature not in ("hessian", "ggn"):
             raise ValueError(f"curvature must be 'hessian' or 'ggn'; got {self.curvature!r}.")
         positive("budget", self.budget, allow_none=True)
+        if self.max_total_class_drop is not None:
+            non_negative("max_total_class_drop", self.max_total_class_drop)
         for name in ("max_std_increase", "max_class_drop", "preserve_tolerance",
                      "curvature_penalty", "class_shrinkage"):
             non_negative(name, getattr(self, name))
@@ -880,7 +896,8 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
             return _weight_power_rule(accuracy)
         return float(self.weight_power)
 
-    def _decide(self, old: dict[str, Any], new: dict[str, Any]) -> tuple[bool, str, float]:
+    def _decide(self, old: dict[str, Any], new: dict[str, Any],
+                initial_acc: np.ndarray) -> tuple[bool, str, float]:
         """Accept or roll back a candidate; returns (accepted, reason, signal)."""
         if not new["finite"]:
             return False, "non-finite logits", -1.0
@@ -890,6 +907,10 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         rise = new["std"] - old["std"]
         if rise > self.max_std_increase:
             return False, f"sigma rose by {rise:.4f}", -max(drop, rise, 0.0)
+        if self.max_total_class_drop is not None:
+            total = float(np.max((initial_acc - new["acc"])[present]))
+            if total > self.max_total_class_drop:
+                return False, f"a class lost {total:.4f} in total", -max(drop, total, 0.0)
         vetoes = drops > self.max_class_drop
         if self.acceptance == "noise_aware":
             # A drop vetoes only beyond its own standard error: one flipped
@@ -911,6 +932,35 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
 
 
 # ---------------------------------------------------------------- internals
+class _ProgressOperator:
+    """The operator, with a tqdm bar counting its Hessian-vector products."""
+
+    def __init__(self, operator: HessianOperator, desc: str) -> None:
+        self._op = operator
+        self._desc = desc
+        self.shape, self.dtype, self.device = operator.shape, operator.dtype, operator.device
+
+    def __enter__(self) -> _ProgressOperator:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(desc=self._desc, unit="HVP", leave=False)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._bar.close()
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        out = self._op.matvec(v)
+        self._bar.update(1 if v.ndim == 1 else v.shape[1])
+        return out
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matvec(v)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._op, name)
+
+
 def _to_numpy(t: Any) -> np.ndarray:
     if isinstance(t, torch.Tensor):
         return t.detach().cpu().to(torch.float64).numpy()

@@ -213,3 +213,20 @@ def test_default_budget_rule():
     assert default_budget(830.0) == pytest.approx(np.sqrt(2 * 0.05 / 830))
     assert default_budget(8.0) > 10 * default_budget(830.0)
     assert default_budget(0.0) > 0  # degenerate curvature still gives a usable budget
+
+
+def test_total_class_drop_cap_bounds_every_accepted_state(problem):
+    model, _, (Xv, yv), _ = problem
+    free = SpectralSurgeon(max_steps=6, random_state=0, max_class_drop=0.2).fit(model, Xv, yv)
+    capped = SpectralSurgeon(max_steps=6, random_state=0, max_class_drop=0.2,
+                             max_total_class_drop=0.0).fit(model, Xv, yv)
+    start = capped.per_class_accuracy_before_
+    for h in capped.history_:
+        assert np.all(np.asarray(h["per_class_accuracy"]) >= start - 1e-12)
+    # without the cap some accepted step lowers a class (the test is not vacuous)
+    lowest = min(np.min(np.asarray(h["per_class_accuracy"]) - free.per_class_accuracy_before_)
+                 for h in free.history_)
+    assert lowest < 0
+    assert any("in total" in h["reason"] for h in capped.history_)
+    with pytest.raises(ValueError, match="max_total_class_drop"):
+        SpectralSurgeon(max_total_class_drop=-1).fit(model, Xv, yv)
