@@ -31,6 +31,7 @@ def per_class_accuracy(y_true: Any, y_pred: Any, n_classes: int) -> np.ndarray:
 
 
 def balanced_accuracy(per_class: np.ndarray) -> float:
+    """Mean of the per-class accuracies, ignoring absent (NaN) classes."""
     return float(np.nanmean(per_class))
 
 

@@ -30,6 +30,28 @@ class SensitivityEstimator(BaseEstimator):
         budget: float,
         batch_size: int,
     ) -> np.ndarray:
+        """The sensitivity matrix ``S`` (C, k) at ``theta``.
+
+        Parameters
+        ----------
+        fmodel : FunctionalModel
+            The model as a function of its selected parameters.
+        theta : torch.Tensor (D,)
+            Where the derivatives are taken.
+        directions : torch.Tensor (D, k)
+            The spike eigenvectors (columns).
+        data : LabelledData
+            The sensitivity set (validation data).
+        n_classes : int
+        budget : float
+            The current ``α_max`` (the finite-difference probe may follow it).
+        batch_size : int
+            Chunk size of every pass over ``data``.
+
+        Returns
+        -------
+        ndarray (C, k), float64; rows of absent classes are 0.
+        """
         raise NotImplementedError
 
 

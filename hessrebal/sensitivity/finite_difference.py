@@ -65,6 +65,7 @@ class FiniteDifferenceSensitivity(SensitivityEstimator):
         budget: float,
         batch_size: int,
     ) -> np.ndarray:
+        """Secant of per-class accuracy along each direction, ``(C, k)``."""
         if self.scheme not in _SCHEMES:
             raise ValueError(f"scheme must be one of {_SCHEMES}; got {self.scheme!r}.")
         eps = budget if self.step is None else self.step

@@ -89,6 +89,7 @@ class SoftmaxSurrogateSensitivity(SensitivityEstimator):
         budget: float | None = None,
         batch_size: int,
     ) -> np.ndarray:
+        """Exact derivatives of the class-mean surrogate along each direction, ``(C, k)``."""
         self._validate()
         Q = check_directions(theta, directions)
         k = Q.shape[1]
