@@ -188,14 +188,28 @@ class CountingMatvec:
         return self(v)
 
 
-def torch_generator(random_state: Any) -> torch.Generator:
+def torch_generator(random_state: Any, operator: Any = None) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded from a sklearn-style ``random_state``
     (vectors are drawn on the CPU, then moved, so a seed gives the same start
-    on every device)."""
+    on every device).
+
+    When ``operator`` has a ``process_group`` (a distributed
+    ``HessianOperator``) and ``random_state`` is None, the seed drawn on rank 0
+    is broadcast, so that every rank starts from the same vectors and gets the
+    same result."""
     if isinstance(random_state, torch.Generator):
         return random_state
     rng = check_random_state(random_state)
-    return torch.Generator().manual_seed(int(rng.randint(0, 2**31 - 1)))
+    seed = int(rng.randint(0, 2**31 - 1))
+    group = getattr(operator, "process_group", None)
+    if group is not None and random_state is None:
+        import torch.distributed as dist
+
+        device = getattr(operator, "device", torch.device("cpu"))
+        t = torch.tensor([seed], dtype=torch.int64, device=device)
+        dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
+        seed = int(t.item())
+    return torch.Generator().manual_seed(seed)
 
 
 def random_vector(gen: torch.Generator, dim: int, dtype: torch.dtype,

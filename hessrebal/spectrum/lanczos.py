@@ -265,7 +265,7 @@ class LanczosSpectrum(SpectrumBackend):
         budget = max_iter if max_iter is not None else max(300, 30 * k)
 
         counter = CountingMatvec(operator, dim, dtype, device)
-        gen = torch_generator(self.random_state)
+        gen = torch_generator(self.random_state, operator)
         init_cols = _normalized_columns(init)
         vals, vecs, res, scale = [], [], [], 0.0
         Q: torch.Tensor | None = None

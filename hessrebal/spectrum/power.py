@@ -100,7 +100,7 @@ class PowerIterationSpectrum(SpectrumBackend):
         max_iter = check_positive(self.max_iter, "max_iter", integer=True)
         init = check_init(init, dim, dtype, device)
         counter = CountingMatvec(operator, dim, dtype, device)
-        gen = torch_generator(self.random_state)
+        gen = torch_generator(self.random_state, operator)
 
         Q = torch.zeros((dim, 0), dtype=dtype, device=device)
         values, r_abs, n_iter = [], [], []
