@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 
 import numpy as np
 import torch
@@ -100,12 +99,12 @@ def plot(rows, datasets, classes, path):
             ax.semilogy(np.arange(1, lam.size + 1), lam / lam[0], "o-", ms=3,
                         color=cmap(i / max(1, len(classes) - 1)), label=f"C = {C}")
             ax.axvline(C - 1 + 0.5, color=cmap(i / max(1, len(classes) - 1)), ls=":", lw=1)
-        ax.set(title=f"{dataset}: top eigenvalues (seed 0)", xlabel="index i",
-               ylabel="λ_i / λ_1")
+        ax.set(title=f"{dataset}: top Hessian eigenvalues (seed 0)", xlabel="index i",
+               ylabel=r"$\lambda_i / \lambda_1$")
         ax.legend(fontsize=8)
         ax = axes[1, j]
-        for key, label, marker in (("gap_c_minus_1", "λ_{C−1}/λ_C", "o"),
-                                   ("gap_c", "λ_C/λ_{C+1}", "s")):
+        for key, label, marker in (("gap_c_minus_1", r"$\lambda_{C-1}/\lambda_C$", "o"),
+                                   ("gap_c", r"$\lambda_C/\lambda_{C+1}$", "s")):
             for C in classes:
                 vals = [r[key] for r in rows if r["dataset"] == dataset and r["C"] == C]
                 ax.scatter([C] * len(vals), vals, marker=marker, alpha=0.6,
@@ -127,20 +126,31 @@ def main(argv=None):
     ap.add_argument("--classes", nargs="+", type=int, default=[3, 5, 7, 10])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--name", default="spike_count")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redo the table and the figure from the saved JSON")
     args = ap.parse_args(argv)
     setup()
-    rows = []
-    for dataset in args.datasets:
-        for C in args.classes:
-            for seed in range(args.seeds):
-                log(f"spike count {dataset} C={C} seed {seed}")
-                rows.append(run_one(dataset, C, seed))
-    cmd = "python benchmarks/spike_count.py " + " ".join(argv if argv is not None
-                                                           else sys.argv[1:])
+    if args.replot:
+        import json
+
+        from _common import RESULTS
+
+        saved = json.loads((RESULTS / f"{args.name}.json").read_text())
+        rows = saved["rows"]
+        args = argparse.Namespace(**saved["settings"])
+    else:
+        rows = []
+        for dataset in args.datasets:
+            for C in args.classes:
+                for seed in range(args.seeds):
+                    log(f"spike count {dataset} C={C} seed {seed}")
+                    rows.append(run_one(dataset, C, seed))
+        write_json(args.name, {"settings": vars(args), "rows": rows})
+    cmd = (f"python benchmarks/spike_count.py --datasets {' '.join(args.datasets)} "
+           f"--classes {' '.join(map(str, args.classes))} --seeds {args.seeds}")
     md = (f"Spike count versus C (balanced training data, Hessian on the training sample, "
           f"mean ± std over {args.seeds} seeds; count_spikes per seed).\n\n{table(rows)}\n\n"
-          f"Command: `{cmd.strip()}`\n")
-    write_json(args.name, {"settings": vars(args), "rows": rows})
+          f"Command: `{cmd}`\n")
     write_text(f"{args.name}.md", md)
     plot(rows, args.datasets, args.classes, IMAGES / f"{args.name}.png")
     print(md)
