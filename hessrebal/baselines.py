@@ -217,17 +217,43 @@ class _PostHocBaseline(BaseEstimator):
             )
             z = _to_log(z)
             log_input = True
+        self._warn_absent_classes(y, n_classes, stacklevel=4)
+        self.n_classes_ = int(n_classes)
+        self.classes_ = np.arange(n_classes)
+        return z, y, log_input
+
+    def _warn_absent_classes(self, y: torch.Tensor, n_classes: int, stacklevel: int) -> None:
         counts = torch.bincount(y, minlength=n_classes).numpy()
         absent = np.flatnonzero(counts == 0)
         if absent.size:
             warnings.warn(
                 f"{type(self).__name__}: class(es) {absent.tolist()} have no validation "
                 "sample; they are left out of the balanced accuracy being tuned.",
-                UserWarning, stacklevel=3,
+                UserWarning, stacklevel=stacklevel,
             )
-        self.n_classes_ = int(n_classes)
-        self.classes_ = np.arange(n_classes)
-        return z, y, log_input
+
+    def _choose_tau(self, fixed: float | None, grid: np.ndarray, score_of) -> None:
+        """Score ``score_of(τ)`` over the grid (or only the fixed τ) and keep the best."""
+        taus = np.array([fixed]) if fixed is not None else grid
+        scores = np.array([score_of(t) for t in taus])
+        self.taus_ = taus
+        self.tau_scores_ = scores
+        self.tau_ = fixed if fixed is not None else _pick_tau(taus, scores, 1.0)
+
+    def _record_accuracies(self, z_before: torch.Tensor, z_after: torch.Tensor,
+                           y: torch.Tensor, n_classes: int) -> None:
+        self.balanced_accuracy_before_, self.per_class_accuracy_before_ = _bal_acc_of(
+            z_before, y, n_classes)
+        self.balanced_accuracy_after_, self.per_class_accuracy_after_ = _bal_acc_of(
+            z_after, y, n_classes)
+
+    def _offset_model(self, model: Any, copy: bool) -> LogitAdjustedModel:
+        """Wrap ``model`` (or a deep copy) so ``offsets_`` is subtracted from its logits."""
+        check_is_fitted(self)
+        module = unwrap_model(model)
+        base = _deepcopy(module) if copy else module
+        return LogitAdjustedModel(base, torch.as_tensor(self.offsets_, dtype=_dtype_of(module)),
+                                  log_input=self.log_input_)
 
     def fit_transform(self, model: Any, X_val: Any, y_val: Any = None,
                       copy: bool = True) -> nn.Module:
@@ -433,17 +459,11 @@ class LogitAdjustment(_PostHocBaseline):
             self.prior_estimated_ = False
         prior = prior / prior.sum()
         log_prior = torch.from_numpy(np.log(prior))
-        taus = np.array([fixed]) if fixed is not None else grid
-        scores = np.array([_bal_acc_of(z - t * log_prior, y, C)[0] for t in taus])
-        self.taus_ = taus
-        self.tau_scores_ = scores
-        self.tau_ = fixed if fixed is not None else _pick_tau(taus, scores, 1.0)
+        self._choose_tau(fixed, grid, lambda t: _bal_acc_of(z - t * log_prior, y, C)[0])
         self.class_prior_ = prior
         self.offsets_ = self.tau_ * np.log(prior)
         self.log_input_ = bool(log_input)
-        self.balanced_accuracy_before_, self.per_class_accuracy_before_ = _bal_acc_of(z, y, C)
-        self.balanced_accuracy_after_, self.per_class_accuracy_after_ = _bal_acc_of(
-            z - torch.from_numpy(self.offsets_), y, C)
+        self._record_accuracies(z, z - torch.from_numpy(self.offsets_), y, C)
         return self
 
     @staticmethod
@@ -468,11 +488,7 @@ class LogitAdjustment(_PostHocBaseline):
         -------
         LogitAdjustedModel
         """
-        check_is_fitted(self)
-        module = unwrap_model(model)
-        base = _deepcopy(module) if copy else module
-        return LogitAdjustedModel(base, torch.as_tensor(self.offsets_, dtype=_dtype_of(module)),
-                                  log_input=self.log_input_)
+        return self._offset_model(model, copy)
 
 
 # --------------------------------------------------------------------------- τ-normalisation
@@ -619,11 +635,7 @@ class TauNormalization(_PostHocBaseline):
         y = data.labels()
         C = z.shape[1]
         check_label_range(y, C, "y_val")
-        counts = torch.bincount(y, minlength=C).numpy()
-        if (counts == 0).any():
-            warnings.warn(f"TauNormalization: class(es) {np.flatnonzero(counts == 0).tolist()} "
-                          "have no validation sample; they are left out of the balanced "
-                          "accuracy being tuned.", UserWarning, stacklevel=2)
+        self._warn_absent_classes(y, C, stacklevel=3)
         if lin.out_features != C:
             raise ValueError(f"layer {name!r} has {lin.out_features} outputs but the model has "
                              f"{C}; pass layer= the final classification layer.")
@@ -635,7 +647,6 @@ class TauNormalization(_PostHocBaseline):
         W = lin.weight.detach().cpu().to(torch.float64)
         b = lin.bias.detach().cpu().to(torch.float64) if lin.bias is not None else None
         keep = bool(self.keep_bias) and b is not None
-        taus = np.array([fixed]) if fixed is not None else grid
 
         def logits_for(t: float) -> torch.Tensor:
             if cached:
@@ -644,18 +655,13 @@ class TauNormalization(_PostHocBaseline):
             tmp = self._apply(_deepcopy(module), name, t)
             return _model_logits(tmp, data, batch_size, "X_val")
 
-        scores = np.array([_bal_acc_of(logits_for(t), y, C)[0] for t in taus])
+        self._choose_tau(fixed, grid, lambda t: _bal_acc_of(logits_for(t), y, C)[0])
         self.layer_ = name
         self.in_features_ = int(lin.in_features)
         self.n_classes_ = int(C)
         self.classes_ = np.arange(C)
         self.used_cached_features_ = bool(cached)
-        self.taus_ = taus
-        self.tau_scores_ = scores
-        self.tau_ = fixed if fixed is not None else _pick_tau(taus, scores, 1.0)
-        self.balanced_accuracy_before_, self.per_class_accuracy_before_ = _bal_acc_of(z, y, C)
-        self.balanced_accuracy_after_, self.per_class_accuracy_after_ = _bal_acc_of(
-            logits_for(self.tau_), y, C)
+        self._record_accuracies(z, logits_for(self.tau_), y, C)
         return self
 
     def _apply(self, module: nn.Module, name: str, tau: float) -> nn.Module:
@@ -818,9 +824,7 @@ class ClassBiasTuning(_PostHocBaseline):
         self.n_iter_ = n_iter
         self.history_ = np.asarray(history)
         self.log_input_ = bool(log_input)
-        self.balanced_accuracy_before_, self.per_class_accuracy_before_ = _bal_acc_of(z, y, C)
-        self.balanced_accuracy_after_, self.per_class_accuracy_after_ = _bal_acc_of(
-            z + torch.from_numpy(bias), y, C)
+        self._record_accuracies(z, z + torch.from_numpy(bias), y, C)
         return self
 
     @staticmethod
@@ -884,8 +888,4 @@ class ClassBiasTuning(_PostHocBaseline):
         -------
         LogitAdjustedModel
         """
-        check_is_fitted(self)
-        module = unwrap_model(model)
-        base = _deepcopy(module) if copy else module
-        return LogitAdjustedModel(base, torch.as_tensor(self.offsets_, dtype=_dtype_of(module)),
-                                  log_input=self.log_input_)
+        return self._offset_model(model, copy)
