@@ -15,6 +15,11 @@ from .base import SensitivityEstimator, check_directions
 _SCHEMES = ("central", "forward")
 
 
+def _check_scheme(scheme: object) -> None:
+    if scheme not in _SCHEMES:
+        raise ValueError(f"scheme must be one of {_SCHEMES}; got {scheme!r}.")
+
+
 class FiniteDifferenceSensitivity(SensitivityEstimator):
     """Per-class accuracy differences along each direction (the paper's S).
 
@@ -47,8 +52,7 @@ class FiniteDifferenceSensitivity(SensitivityEstimator):
     def _check_params(self) -> None:
         """Validate the constructor parameters (the surgeon calls this before
         any heavy work; :meth:`estimate` checks them again)."""
-        if self.scheme not in _SCHEMES:
-            raise ValueError(f"scheme must be one of {_SCHEMES}; got {self.scheme!r}.")
+        _check_scheme(self.scheme)
         step = self.step
         if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Real)
                                  or not np.isfinite(step) or step <= 0):
@@ -66,8 +70,7 @@ class FiniteDifferenceSensitivity(SensitivityEstimator):
         batch_size: int,
     ) -> np.ndarray:
         """Secant of per-class accuracy along each direction, ``(C, k)``."""
-        if self.scheme not in _SCHEMES:
-            raise ValueError(f"scheme must be one of {_SCHEMES}; got {self.scheme!r}.")
+        _check_scheme(self.scheme)
         eps = budget if self.step is None else self.step
         if not np.isfinite(eps) or eps <= 0:
             raise ValueError(f"step must be positive (got {eps!r}).")
