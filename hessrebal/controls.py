@@ -38,11 +38,9 @@ import torch
 
 from .spectrum import LanczosSpectrum, Spectrum
 from .spectrum.base import (
-    CountingMatvec,
     SpectrumBackend,
-    check_init,
-    check_n_components,
-    check_operator,
+    check_compute_args,
+    counted_operator,
     orthogonalize,
     relative,
     torch_generator,
@@ -161,10 +159,8 @@ class RandomDirections(SpectrumBackend):
         Spectrum
             ``info["kind"] == "random"``.
         """
-        dim, dtype, device = check_operator(operator)
-        k = check_n_components(n_components, dim)
-        init = check_init(init, dim, dtype, device)
-        counter = CountingMatvec(operator, dim, dtype, device)
+        dim, k, dtype, device = check_compute_args(operator, n_components)
+        init, counter = counted_operator(operator, init, dim, dtype, device)
         gen = torch_generator(self.random_state)
         kept = None
         if init is not None:
@@ -255,8 +251,7 @@ class BulkDirections(SpectrumBackend):
             ``info`` has ``kind="bulk"``, ``n_exclude``, ``spike_eigenvalues``
             and ``spike_n_matvec``; ``n_matvec`` counts the spike search too.
         """
-        dim, dtype, device = check_operator(operator)
-        k = check_n_components(n_components, dim)
+        dim, k, dtype, device = check_compute_args(operator, n_components)
         if dim - k < 1:
             raise ValueError(f"n_components={k} leaves no room for excluded spikes in dimension "
                              f"{dim}.")
@@ -270,8 +265,7 @@ class BulkDirections(SpectrumBackend):
                 raise ValueError(f"n_exclude + n_components = {n_ex + k} exceeds the "
                                  f"dimension {dim}.")
             n_ex = int(n_ex)
-        init = check_init(init, dim, dtype, device)
-        counter = CountingMatvec(operator, dim, dtype, device)
+        init, counter = counted_operator(operator, init, dim, dtype, device)
         gen = torch_generator(self.random_state)
 
         backend = self.spectrum

@@ -188,6 +188,21 @@ class CountingMatvec:
         return self(v)
 
 
+def check_compute_args(operator: Any,
+                       n_components: Any) -> tuple[int, int, torch.dtype, torch.device]:
+    """Validate a backend's ``compute(operator, n_components)``; return
+    ``(D, k, dtype, device)``."""
+    dim, dtype, device = check_operator(operator)
+    return dim, check_n_components(n_components, dim), dtype, device
+
+
+def counted_operator(operator: Any, init: Any, dim: int, dtype: torch.dtype,
+                     device: torch.device) -> tuple[torch.Tensor | None, CountingMatvec]:
+    """``init`` checked against the operator (see :func:`check_init`), and the
+    operator wrapped in a :class:`CountingMatvec`."""
+    return check_init(init, dim, dtype, device), CountingMatvec(operator, dim, dtype, device)
+
+
 def torch_generator(random_state: Any, operator: Any = None) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded from a sklearn-style ``random_state``
     (vectors are drawn on the CPU, then moved, so a seed gives the same start

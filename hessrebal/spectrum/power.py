@@ -16,13 +16,11 @@ import numpy as np
 import torch
 
 from .base import (
-    CountingMatvec,
     Spectrum,
     SpectrumBackend,
-    check_init,
-    check_n_components,
-    check_operator,
+    check_compute_args,
     check_positive,
+    counted_operator,
     orthogonalize,
     random_vector,
     relative,
@@ -94,12 +92,10 @@ class PowerIterationSpectrum(SpectrumBackend):
             ``info["n_iter"]`` lists the products per pair; ``info["scale"]``
             is the ``|λ₁|`` the residuals are relative to.
         """
-        dim, dtype, device = check_operator(operator)
-        k = check_n_components(n_components, dim)
+        dim, k, dtype, device = check_compute_args(operator, n_components)
         tol = check_positive(self.tol, "tol")
         max_iter = check_positive(self.max_iter, "max_iter", integer=True)
-        init = check_init(init, dim, dtype, device)
-        counter = CountingMatvec(operator, dim, dtype, device)
+        init, counter = counted_operator(operator, init, dim, dtype, device)
         gen = torch_generator(self.random_state, operator)
 
         Q = torch.zeros((dim, 0), dtype=dtype, device=device)
