@@ -65,6 +65,19 @@ def _gaussian(gen: torch.Generator, dim: int, k: int, dtype: torch.dtype,
     return torch.randn(dim, k, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
+def _complete_randomly(kept: torch.Tensor | None, k: int, gen: torch.Generator, dim: int,
+                      dtype: torch.dtype, device: torch.device,
+                      avoid: torch.Tensor | None = None) -> torch.Tensor:
+    """``kept`` (orthonormal columns, or None) completed to ``k`` orthonormal
+    columns with Gaussian draws orthogonal to ``kept`` and to ``avoid``."""
+    m = 0 if kept is None else kept.shape[1]
+    if m >= k:
+        return kept
+    basis = avoid if kept is None else (kept if avoid is None else torch.cat([avoid, kept], dim=1))
+    fresh = _orthonormal(orthogonalize(_gaussian(gen, dim, k - m, dtype, device), basis))
+    return fresh if kept is None else torch.cat([kept, fresh], dim=1)
+
+
 def rayleigh_spectrum(counter: Any, Q: torch.Tensor, info: dict[str, Any] | None = None,
                       n_matvec: int | None = None) -> Spectrum:
     """The :class:`Spectrum` of fixed orthonormal directions.
@@ -166,11 +179,7 @@ class RandomDirections(SpectrumBackend):
         if init is not None:
             kept = _orthonormal(init[:, :k])
         m = 0 if kept is None else kept.shape[1]
-        if m < k:
-            fresh = _orthonormal(orthogonalize(_gaussian(gen, dim, k - m, dtype, device), kept))
-            Q = fresh if kept is None else torch.cat([kept, fresh], dim=1)
-        else:
-            Q = kept
+        Q = _complete_randomly(kept, k, gen, dim, dtype, device)
         return rayleigh_spectrum(counter, Q, {"kind": "random", "n_kept": m})
 
 
@@ -289,12 +298,7 @@ class BulkDirections(SpectrumBackend):
             kept = kept[:, norms > 1e-3 * torch.linalg.vector_norm(init[:, :k], dim=0)]
             kept = _orthonormal(kept) if kept.shape[1] else None
         m = 0 if kept is None else kept.shape[1]
-        if m < k:
-            basis = S if kept is None else torch.cat([S, kept], dim=1)
-            fresh = _orthonormal(orthogonalize(_gaussian(gen, dim, k - m, dtype, device), basis))
-            Q = fresh if kept is None else torch.cat([kept, fresh], dim=1)
-        else:
-            Q = kept
+        Q = _complete_randomly(kept, k, gen, dim, dtype, device, avoid=S)
         # Re-project: QR of nearly-orthogonal columns may reintroduce rounding-size
         # components along S, which the spikes' large eigenvalues would amplify.
         Q = _orthonormal(orthogonalize(Q, S))
