@@ -88,8 +88,8 @@ def main(argv=None):
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     if args.quick:
-        args.n_val, args.n_train, args.epochs, args.max_steps = 256, 512, 1, 2
-        args.batch_size = min(args.batch_size, 128)
+        args.n_val, args.n_train, args.epochs, args.max_steps = 64, 128, 1, 1
+        args.batch_size = min(args.batch_size, 32)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("No CUDA device: run with --device cpu --quick for a dry run.")
@@ -114,6 +114,7 @@ def main(argv=None):
     sync(device)
     start = time.perf_counter()
     surgeon = SpectralSurgeon(random_state=0, max_steps=args.max_steps,
+                              n_components=2 if args.quick else None,
                               batch_size=args.batch_size).fit(model, X_val, y_val)
     sync(device)
     fit_seconds = time.perf_counter() - start

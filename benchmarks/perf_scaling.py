@@ -41,7 +41,26 @@ class Cycled(Dataset):
 
 
 def rss_mib() -> float:
+    """Peak RSS of this process (MiB) since the last :func:`reset_peak`."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux), so that the peak measured after
+    it belongs to the operator and not to loading the data set."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def child(n: int, cache_bytes: int, threads: int, batch_size: int, repeats: int) -> dict:
@@ -58,6 +77,7 @@ def child(n: int, cache_bytes: int, threads: int, batch_size: int, repeats: int)
     v = torch.randn(sum(p.numel() for p in model.parameters()))
     # Warm up autograd's double backward on a tiny operator before the baseline.
     HessianOperator(model, base_X[:8], base_y[:8], cache_bytes=0).matvec(v)
+    peak_reset = reset_peak()
     before = rss_mib()
     op = HessianOperator(model, loader, cache_bytes=cache_bytes)
     first = time.perf_counter()
@@ -76,6 +96,7 @@ def child(n: int, cache_bytes: int, threads: int, batch_size: int, repeats: int)
             "seconds_per_sample": min(times) / n, "gradient_seconds": grad,
             "peak_rss_mib": peak, "rss_before_operator_mib": before,
             "operator_rss_increment_mib": peak - before,
+            "peak_reset": peak_reset,
             "cache_bytes": cache_bytes, "cache_used": op.cache_used,
             "cached_chunks": op.n_cached_chunks, "n_chunks": len(loader)}
 
@@ -86,7 +107,7 @@ def main(argv=None):
     parser.add_argument("--cache-mib", type=float, default=16.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default=None)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -224,3 +224,50 @@ def test_data_converted_once_to_the_model_dtype():
     assert _rel(op.matvec(v), ref.matvec(v)) < 1e-14
     same = HessianOperator(model, X, y)
     assert same.data.X is X  # nothing to move: no copy
+
+
+class _ConvBNVariants(nn.Module):
+    """Conv → BN pairs that may and may not be folded: a biased grouped conv, a
+    conv output changed in place before its BN, one also used elsewhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1, groups=2)
+        self.b1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(4)
+        self.c3 = nn.Conv2d(4, 4, 1)
+        self.b3 = nn.BatchNorm2d(4, affine=False)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+        with torch.no_grad():
+            for i, bn in enumerate((self.b1, self.b2, self.b3)):
+                bn.running_mean.copy_(torch.linspace(-0.2, 0.3, 4) * (i + 1))
+                bn.running_var.copy_(torch.linspace(0.5, 1.5, 4) + i)
+            for bn in (self.b1, self.b2):
+                bn.weight.copy_(torch.linspace(0.7, 1.3, 4))
+                bn.bias.copy_(torch.linspace(-0.1, 0.2, 4))
+
+    def forward(self, x):
+        h = torch.tanh(self.b1(self.c1(x)))
+        pre = self.c2(h)
+        pre.mul_(0.5)  # in place after the conv: must not be folded
+        h = torch.tanh(self.b2(pre))
+        pre3 = self.c3(h)
+        h = torch.tanh(self.b3(pre3)) + 0.1 * pre3  # the conv output also used directly
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("cache_bytes", [None, 0])
+def test_batchnorm_folding_guards_match_dense_hessian(cache_bytes):
+    torch.manual_seed(5)
+    model = _ConvBNVariants().double().eval()
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(12, 2, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    H = dense_hessian(model, X, y)
+    op = HessianOperator(model, X, y, batch_size=5, cache_bytes=cache_bytes)
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64)
+    assert _rel(op.matvec(V), H @ V) < 1e-10
+    G = _ggn_dense(model, X, y)
+    ggn = HessianOperator(model, X, y, curvature="ggn", batch_size=5, cache_bytes=cache_bytes)
+    assert _rel(ggn.matvec(V), G @ V) < 1e-10
