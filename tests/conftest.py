@@ -8,6 +8,47 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny models (restored afterwards).
+
+    On a shared 2-core machine, two spinning OpenMP threads per process made
+    such tests 3-5x slower in wall time. A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def train_full_batch(model, X, y, lr, n_steps):
+    """``n_steps`` full-batch Adam steps on the mean cross-entropy (in place)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(n_steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+    return model
+
+
+def trained_blobs_mlp(seed, val_counts):
+    """A 3-class ``tanh_mlp`` trained on imbalanced 5-D Gaussian blobs (120/40/10
+    samples, drawn from a generator seeded ``seed``), so surgery steps get
+    accepted; returns ``(model, X_val, y_val)`` with ``val_counts`` per class."""
+    g = torch.Generator().manual_seed(seed)
+    means = 1.5 * torch.randn(3, 5, generator=g, dtype=torch.float64)
+
+    def sample(counts):
+        X = torch.cat([means[c] + torch.randn(n, 5, generator=g, dtype=torch.float64)
+                       for c, n in enumerate(counts)])
+        return X, torch.arange(3).repeat_interleave(torch.tensor(counts))
+
+    Xtr, ytr = sample([120, 40, 10])
+    model = train_full_batch(tanh_mlp(), Xtr, ytr, 0.05, 60)
+    return model, *sample(val_counts)
+
+
 def tanh_mlp(d_in=5, hidden=6, n_classes=3, dtype=torch.float64):
     torch.manual_seed(1)
     return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, n_classes)).to(dtype)

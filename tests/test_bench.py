@@ -5,22 +5,14 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from hessrebal.bench import METHODS, POST_HOC, format_table, run_benchmark, summarize
 from hessrebal.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY = {"train_steps": 40, "hidden": (16,), "finetune_steps": 4, "finetune_lrs": (1e-3,),
         "curvature_samples": 96, "surgeon": {"max_steps": 2}}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models run faster on one thread, the more so on a shared CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _strict_json(text):

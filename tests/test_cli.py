@@ -15,18 +15,12 @@ from torch import nn
 from hessrebal.cli import build_parser, load_model, load_npz, main
 from hessrebal.report import FIGURES
 from tests._reference import dense_hessian
+from tests.conftest import train_full_batch
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # One thread: on a shared 2-core machine, two spinning OpenMP threads per
-    # process made these tests 3-5x slower in wall time.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 FACTORY_SOURCE = textwrap.dedent("""
     import torch
@@ -60,11 +54,7 @@ def saved(tmp_path_factory):
     X = torch.randn(90, 5, generator=g, dtype=torch.float64)
     y = torch.arange(90) % 3
     X = X + 1.5 * nn.functional.one_hot(y, 5).to(torch.float64)
-    opt = torch.optim.Adam(model.parameters(), lr=0.03)
-    for _ in range(100):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(X), y).backward()
-        opt.step()
+    train_full_batch(model, X, y, 0.03, 100)
     model.eval()
     torch.save(model.state_dict(), d / "weights.pt")
     from safetensors.torch import save_file

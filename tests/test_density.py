@@ -14,6 +14,7 @@ from hessrebal.spectrum import (
     slq_density,
     slq_quadrature,
 )
+from tests.conftest import train_full_batch
 
 torch.set_num_threads(1)
 
@@ -168,11 +169,7 @@ def _long_tailed_mnist_mlp():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(784, 32), torch.nn.ReLU(),
                                 torch.nn.Linear(32, 10))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(100):  # full batch: about a second here
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(Xt), yt).backward()
-        opt.step()
+    train_full_batch(model, Xt, yt, 1e-2, 100)  # full batch: about a second here
     return model, Xt, yt
 
 

@@ -6,43 +6,20 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from hessrebal import SpectralSurgeon
 from hessrebal.amplitude import AdamSNR
 from hessrebal.sensitivity import FiniteDifferenceSensitivity
 from hessrebal.solvers import ProjectedGradientSolver
-from tests.conftest import tanh_mlp, tiny_cnn
+from tests.conftest import tiny_cnn, trained_blobs_mlp
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TIMING = {"seconds"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def trained():
-    g = torch.Generator().manual_seed(11)
-    means = 1.5 * torch.randn(3, 5, generator=g, dtype=torch.float64)
-
-    def sample(counts):
-        X = torch.cat([means[c] + torch.randn(n, 5, generator=g, dtype=torch.float64)
-                       for c, n in enumerate(counts)])
-        return X, torch.arange(3).repeat_interleave(torch.tensor(counts))
-
-    Xtr, ytr = sample([120, 40, 10])
-    torch.manual_seed(0)
-    model = tanh_mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(60):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(Xtr), ytr).backward()
-        opt.step()
-    return model, *sample([40, 40, 40])
+    return trained_blobs_mlp(11, [40, 40, 40])
 
 
 def comparable_history(s):

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from sklearn.base import BaseEstimator, clone
-from torch import nn
 
 from hessrebal import SpectralSurgeon
 from hessrebal.amplitude import AdamSNR, GrowShrink
@@ -20,35 +19,14 @@ from hessrebal.baselines import LogitAdjustment
 from hessrebal.sensitivity import FiniteDifferenceSensitivity
 from hessrebal.solvers import ProjectedGradientSolver
 from hessrebal.spectrum import LanczosSpectrum
-from tests.conftest import tanh_mlp, tiny_cnn
+from tests.conftest import tiny_cnn, trained_blobs_mlp
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def trained(dtype=torch.float64):
     """A 3-class MLP trained on imbalanced blobs, so that steps get accepted."""
-    g = torch.Generator().manual_seed(7)
-    means = 1.5 * torch.randn(3, 5, generator=g, dtype=torch.float64)
-
-    def sample(counts):
-        X = torch.cat([means[c] + torch.randn(n, 5, generator=g, dtype=torch.float64)
-                       for c, n in enumerate(counts)])
-        return X, torch.arange(3).repeat_interleave(torch.tensor(counts))
-
-    Xtr, ytr = sample([120, 40, 10])
-    model = tanh_mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(60):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(Xtr), ytr).backward()
-        opt.step()
-    Xv, yv = sample([30, 30, 30])
+    model, Xv, yv = trained_blobs_mlp(7, [30, 30, 30])
     return model.to(dtype), Xv.to(dtype), yv
 
 

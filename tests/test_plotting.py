@@ -20,21 +20,16 @@ from hessrebal.plotting import (
 )
 from hessrebal.spectrum import MatrixOperator, count_spikes
 from tests._reference import dense_hessian
+from tests.conftest import train_full_batch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 C = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # One thread: on a shared 2-core machine, two spinning OpenMP threads per
-    # process made these tests 3-5x slower in wall time.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 COUNTS = np.array([60, 30, 12, 5])  # training counts: class 0 head ... class 3 tail
 
 
@@ -53,11 +48,7 @@ def fitted():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, C)).to(torch.float64)
     Xtr, ytr = _blobs(COUNTS, 0)
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(150):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(Xtr), ytr).backward()
-        opt.step()
+    train_full_batch(model, Xtr, ytr, 0.05, 150)
     model.eval()
     Xv, yv = _blobs([30] * C, 1)
     Xt, yt = _blobs([40] * C, 2)

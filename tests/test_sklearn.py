@@ -19,16 +19,8 @@ from hessrebal.models import MLP, train_model
 from hessrebal.sklearn import SurgicalClassifier
 from tests.conftest import assert_unchanged, snapshot, tiny_cnn
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: extra threads only add contention on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 class AnyWidth(nn.Module):

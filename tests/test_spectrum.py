@@ -23,6 +23,7 @@ from hessrebal.spectrum import (
     PowerIterationSpectrum,
     Spectrum,
 )
+from tests.conftest import train_full_batch
 
 torch.set_num_threads(1)
 
@@ -36,11 +37,7 @@ def _mlp_problem():
     y = (X[:, 0] + 0.5 * X[:, 1] > 0).long() + (X[:, 2] > 0.8).long()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    opt = torch.optim.Adam(model.parameters(), 0.05)
-    for _ in range(150):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(X), y).backward()
-        opt.step()
+    train_full_batch(model, X, y, 0.05, 150)
     return model, X, y
 
 
@@ -57,11 +54,7 @@ def _cnn_problem():
         bn.running_var.copy_(torch.tensor([0.5, 2.0]))
         bn.weight.copy_(torch.tensor([1.3, 0.7]))
     model.eval()
-    opt = torch.optim.Adam(model.parameters(), 0.03)
-    for _ in range(100):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(X), y).backward()
-        opt.step()
+    train_full_batch(model, X, y, 0.03, 100)
     return model, X, y
 
 

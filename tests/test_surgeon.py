@@ -12,7 +12,7 @@ from hessrebal.sensitivity import FiniteDifferenceSensitivity, SoftmaxSurrogateS
 from hessrebal.solvers import CvxpyQPSolver, ProjectedGradientSolver
 from hessrebal.spectrum import DenseSpectrum, LanczosSpectrum, PowerIterationSpectrum
 from hessrebal.surgeon import default_budget
-from tests.conftest import assert_unchanged, snapshot, tiny_cnn
+from tests.conftest import assert_unchanged, snapshot, tiny_cnn, train_full_batch
 
 
 def imbalanced_problem(seed=0, n_classes=3, d=4, hidden=8):
@@ -29,11 +29,7 @@ def imbalanced_problem(seed=0, n_classes=3, d=4, hidden=8):
     Xtr, ytr = sample(counts_train)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, n_classes))
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(150):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(Xtr), ytr).backward()
-        opt.step()
+    train_full_batch(model, Xtr, ytr, 0.05, 150)
     model.eval()
     Xval, yval = sample([60] * n_classes)
     Xte, yte = sample([200] * n_classes)

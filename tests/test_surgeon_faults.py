@@ -18,7 +18,9 @@ from hessrebal.metrics import class_std, per_class_accuracy
 from hessrebal.sensitivity import SoftmaxSurrogateSensitivity
 from hessrebal.solvers import CvxpyQPSolver, SolverWarning
 from hessrebal.surgeon import shrink_accuracy
-from tests.conftest import TinyCNN, assert_unchanged, snapshot, tanh_mlp
+from tests.conftest import TinyCNN, assert_unchanged, snapshot, tanh_mlp, train_full_batch
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ----------------------------------------------------------------- helpers
 _FORWARD = {"n": 0, "at": None, "exc": None}
@@ -57,15 +59,6 @@ def fit_kwargs():
     # Loose rollback rules: steps are accepted, so the spectrum is refreshed too.
     return dict(max_steps=3, budget=0.05, max_class_drop=1.0, max_std_increase=1.0,
                 random_state=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: threads only add contention on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def check_intact(model, snap, surgeon, previous=None):
@@ -342,11 +335,7 @@ def few_sample_problem():
                      for c in range(3)])
     ytr = torch.arange(3).repeat_interleave(60)
     model = tanh_mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(60):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(Xtr), ytr).backward()
-        opt.step()
+    train_full_batch(model, Xtr, ytr, 0.05, 60)
     Xv = torch.cat([means[c] + torch.randn(40, 5, generator=g, dtype=torch.float64)
                     for c in range(2)])
     yv = torch.arange(2).repeat_interleave(40)

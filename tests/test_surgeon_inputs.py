@@ -18,6 +18,8 @@ from hessrebal.solvers import CvxpyQPSolver, ProjectedGradientSolver
 from hessrebal.spectrum import LanczosSpectrum
 from tests.conftest import tanh_mlp, tiny_cnn
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 N, D_IN, C = 30, 5, 3
 D = D_IN * 6 + 6 + 6 * C + C  # parameters of tanh_mlp()
 
@@ -25,14 +27,6 @@ D = D_IN * 6 + 6 + 6 * C + C  # parameters of tanh_mlp()
 def data(n=N):
     g = torch.Generator().manual_seed(3)
     return torch.randn(n, D_IN, generator=g, dtype=torch.float64), torch.arange(n) % C
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -30,15 +30,8 @@ from tests._reference import dense_hessian
 from tests.conftest import assert_unchanged, snapshot
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: extra threads only add contention on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _blobs(n_per_class, seed):
