@@ -118,6 +118,18 @@ def _check_fitted(surgeon: Any) -> None:
     check_is_fitted(surgeon, "perturbation_")
 
 
+def _measures_model(model: Any, X: Any, what: str) -> bool:
+    """Whether a ``from_surgeon`` measures ``model`` on ``X`` (both given) rather
+    than plotting the surgeon's own numbers (neither given); one alone is an error."""
+    if model is None:
+        if X is not None:
+            raise ValueError("X is given without model; pass both or neither.")
+        return False
+    if X is None:
+        raise ValueError(f"model is given without X; pass {what} X (and y).")
+    return True
+
+
 def _model_accuracy(model: Any, X: Any, y: Any, n_classes: int, batch_size: int) -> np.ndarray:
     # The baselines' forward helper: eval mode, no grad, any model hessrebal can run.
     from ._data import as_data
@@ -498,13 +510,9 @@ class SpectrumDisplay:
         """
         _check_fitted(surgeon)
         C = int(surgeon.n_classes_)
-        if model is None:
-            if X is not None:
-                raise ValueError("X is given without model; pass both or neither.")
+        if not _measures_model(model, X, "the curvature data"):
             return cls(surgeon.eigenvalues_, n_spikes=int(surgeon.n_components_),
                        n_classes=C).plot(ax=ax, **kwargs)
-        if X is None:
-            raise ValueError("model is given without X; pass the curvature data X (and y).")
         from .curvature import HessianOperator
 
         op = HessianOperator(model, X, y, params=surgeon.params, curvature=surgeon.curvature,
@@ -674,13 +682,9 @@ class PerClassAccuracyDisplay:
         """
         _check_fitted(surgeon)
         C = int(surgeon.n_classes_)
-        if model is None:
-            if X is not None:
-                raise ValueError("X is given without model; pass both or neither.")
+        if not _measures_model(model, X, "held-out data"):
             before, after = surgeon.per_class_accuracy_before_, surgeon.per_class_accuracy_after_
         else:
-            if X is None:
-                raise ValueError("model is given without X; pass held-out data X (and y).")
             before = _model_accuracy(model, X, y, C, surgeon.batch_size)
             after = _model_accuracy(surgeon.transform(model), X, y, C, surgeon.batch_size)
         measured: dict[str, Any] = {}
