@@ -189,6 +189,19 @@ def long_tailed_counts(n_max: int, n_classes: int, imbalance_ratio: float) -> np
     return np.maximum(counts, 1)
 
 
+def _assign_tail(n_max: int, C: int, ratio: float, permute_classes: Any, default_permute: bool,
+                 rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class training counts of the long tail, and ``tail_order`` (the class
+    of each rank: a permutation drawn from ``rng`` or, unpermuted, ``0..C-1``;
+    ``permute_classes=None`` means ``default_permute``)."""
+    counts_by_rank = long_tailed_counts(n_max, C, ratio)
+    permute = default_permute if permute_classes is None else bool(permute_classes)
+    tail_order = rng.permutation(C) if permute else np.arange(C)
+    counts = np.zeros(C, dtype=np.int64)
+    counts[tail_order] = counts_by_rank
+    return counts, tail_order
+
+
 def _check_ratio(imbalance_ratio: Any) -> float:
     try:
         r = float(imbalance_ratio)
@@ -428,11 +441,7 @@ def _load_digit_set(
     rng = check_random_state(random_state)
     val_idx, test_idx, pools = _per_class_split(y, C, rng, n_val, n_test, key)
     n_max = min(p.size for p in pools)
-    counts_by_rank = long_tailed_counts(n_max, C, ratio)
-    permute = True if permute_classes is None else bool(permute_classes)
-    tail_order = rng.permutation(C) if permute else np.arange(C)
-    class_counts = np.zeros(C, dtype=np.int64)
-    class_counts[tail_order] = counts_by_rank
+    class_counts, tail_order = _assign_tail(n_max, C, ratio, permute_classes, True, rng)
     train_idx = np.concatenate([pools[c][:class_counts[c]] for c in range(C)])
     # Shuffle within each split so that chunked reading sees mixed classes.
     train_idx = train_idx[rng.permutation(train_idx.size)]
@@ -630,11 +639,7 @@ def _load_cifar10_lt(root, imbalance_ratio, random_state, val_per_class, permute
     rng = check_random_state(random_state)
     per_class = [np.flatnonzero(y_all == c) for c in range(C)]
     n_max = max(idx.size for idx in per_class)
-    counts_by_rank = long_tailed_counts(n_max, C, ratio)
-    permute = False if permute_classes is None else bool(permute_classes)
-    tail_order = rng.permutation(C) if permute else np.arange(C)
-    wanted = np.zeros(C, dtype=np.int64)
-    wanted[tail_order] = counts_by_rank
+    wanted, tail_order = _assign_tail(n_max, C, ratio, permute_classes, False, rng)
     train_idx, val_idx = [], []
     class_counts = np.zeros(C, dtype=np.int64)
     for c, idx in enumerate(per_class):
