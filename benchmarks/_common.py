@@ -67,6 +67,26 @@ def write_text(name: str, text: str) -> Path:
     return path
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (the scripts only write files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write (dpi 110, creating the folder) and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def mean_std(values: Any, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
     """``mean ± std`` (sample std) of the finite values, scaled (percent by default)."""
     a = np.asarray([v for v in values if v is not None], dtype=np.float64)

@@ -32,7 +32,7 @@ import sys
 
 import numpy as np
 import torch
-from _common import IMAGES, log, mean_std, setup, write_json, write_text
+from _common import IMAGES, log, mean_std, pyplot, save_figure, setup, write_json, write_text
 
 from hessrebal._data import as_data
 from hessrebal._model import FunctionalModel, predict_logits
@@ -138,11 +138,7 @@ def summarize_runs(runs, steps):
 
 
 def plot(runs, steps, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     colors = {"bulk": "tab:blue", "spikes": "tab:red"}
     for r in runs:
@@ -156,10 +152,7 @@ def plot(runs, steps, path):
     axes[0].set(xlabel="step", ylabel="loss on the training sample", title="loss")
     axes[1].set(xlabel="step", ylabel="σ of per-class accuracy (test, %)", title="σ")
     axes[0].legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):

@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 import torch
-from _common import IMAGES, log, mean_std, setup, write_json, write_text
+from _common import IMAGES, log, mean_std, pyplot, save_figure, setup, write_json, write_text
 
 from hessrebal.bench import curvature_sample, default_settings, train_reference_model
 from hessrebal.curvature import HessianOperator
@@ -81,11 +81,7 @@ def table(rows):
 
 
 def plot(rows, datasets, classes, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(2, len(datasets), figsize=(4.6 * len(datasets), 6.6),
                              squeeze=False)
     cmap = plt.get_cmap("viridis")
@@ -114,10 +110,7 @@ def plot(rows, datasets, classes, path):
         ax.set(title=f"{dataset}: eigengaps", xlabel="classes C", ylabel="ratio",
                xticks=list(classes))
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):
