@@ -406,9 +406,10 @@ def test_noise_aware_acceptance_does_not_let_one_flip_of_a_tiny_class_veto():
     new = _state(y, new_c)
     assert old["acc"][2] - new["acc"][2] == 0.5
     kw = dict(max_std_increase=1.0, max_class_drop=0.07)
-    accepted, reason, _ = SpectralSurgeon(acceptance="tolerance", **kw)._decide(old, new, old["acc"])
+    start = old["acc"]
+    accepted, reason, _ = SpectralSurgeon(acceptance="tolerance", **kw)._decide(old, new, start)
     assert not accepted and reason.startswith("a class dropped by 0.5")
-    accepted, reason, _ = SpectralSurgeon(acceptance="noise_aware", **kw)._decide(old, new, old["acc"])
+    accepted, reason, _ = SpectralSurgeon(acceptance="noise_aware", **kw)._decide(old, new, start)
     # decided by the σ rule (whose standard error carries the tiny class's
     # noise), not vetoed by the tiny class's drop
     assert not reason.startswith("a class dropped"), reason
@@ -416,7 +417,7 @@ def test_noise_aware_acceptance_does_not_let_one_flip_of_a_tiny_class_veto():
     worse_c = new_c.copy()
     worse_c[100:110] = False
     worse = _state(y, worse_c)
-    accepted, reason, _ = SpectralSurgeon(acceptance="noise_aware", **kw)._decide(old, worse, old["acc"])
+    accepted, reason, _ = SpectralSurgeon(acceptance="noise_aware", **kw)._decide(old, worse, start)
     assert not accepted and reason.startswith("a class dropped by 0.1")
 
 
