@@ -58,9 +58,9 @@ def timed(fn, device, repeats=3):
     return best
 
 
-def measure_products(model, X, y, batch_size, device):
+def measure_products(model, X, y, batch_size, device, cache_bytes=None):
     """One gradient, one kept-graph HVP and one uncached HVP over ``X`` (same chunks)."""
-    cached = HessianOperator(model, X, y, batch_size=batch_size)
+    cached = HessianOperator(model, X, y, batch_size=batch_size, cache_bytes=cache_bytes)
     uncached = HessianOperator(model, X, y, batch_size=batch_size, cache_bytes=0)
     v = torch.randn(cached.shape[0], device=device)
     first = timed(lambda: cached.matvec(v), device, repeats=1)
@@ -84,6 +84,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--max-steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cache-gib", type=float, default=None,
+                        help="graph cache budget (default: the operator's)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a dry run")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
@@ -106,7 +108,8 @@ def main(argv=None):
     train_seconds = time.perf_counter() - start
     model.eval()
 
-    products = measure_products(model, X_val, y_val, args.batch_size, device)
+    cache_bytes = None if args.cache_gib is None else int(args.cache_gib * 2**30)
+    products = measure_products(model, X_val, y_val, args.batch_size, device, cache_bytes)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -8,9 +8,10 @@ The graph cache budget is explicit (``cache_bytes``) and smaller than the
 graphs of even the smallest N, so beyond the budget chunks are rebuilt at every
 product and memory must stay flat. The samples are made on the fly from 1,000
 MNIST digits (index modulo 1,000), so the data themselves take no memory
-either and the RSS measures the operator. Prints JSON: seconds per matvec,
-seconds per sample, peak RSS and the operator's own increment over the RSS
-before it was built.
+either and the RSS measures the operator. A control run at N with a budget
+that keeps every graph shows that the probe sees the memory when it is used.
+Prints JSON: seconds per matvec, seconds per sample, peak RSS and the
+operator's own increment over the RSS before it was built.
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--control-mib", type=float, default=2048.0,
+                        help="budget of a control run at N that keeps every graph (0: none)")
     parser.add_argument("--output", default=None)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -123,6 +126,15 @@ def main(argv=None):
                "--repeats", str(args.repeats)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    control = None
+    if args.control_mib > 0:
+        # The probe must see memory when there is some: N once more, with a budget
+        # large enough to keep every graph.
+        cmd = [sys.executable, __file__, "--child", str(args.n), "--cache-mib",
+               str(args.control_mib), "--threads", str(args.threads), "--batch-size",
+               str(args.batch_size), "--repeats", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        control = json.loads(proc.stdout.strip().splitlines()[-1])
     t0, m0 = rows[0]["seconds_per_matvec"], rows[0]["peak_rss_mib"]
     result = {
         "benchmark": "scaling", "threads": args.threads, "batch_size": args.batch_size,
@@ -132,6 +144,7 @@ def main(argv=None):
         "expected_time_ratio": [1, 2, 4],
         "peak_rss_ratio_vs_n": [r["peak_rss_mib"] / m0 for r in rows],
         "peak_rss_growth_mib": rows[-1]["peak_rss_mib"] - m0,
+        "control_all_graphs_kept": control,
     }
     text = json.dumps(result, indent=2)
     print(text)

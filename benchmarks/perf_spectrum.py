@@ -137,20 +137,42 @@ def warm_refreshes(model, splits, k, random_state=0):
     class Recording(LanczosSpectrum):
         def compute(self, operator, n_components, init=None):
             spec = super().compute(operator, n_components, init=init)
-            seen.append((operator.theta.clone(), init is not None, spec.n_matvec))
+            seen.append((operator.theta.clone(), init is not None, spec.n_matvec,
+                         spec.eigenvectors.clone()))
             return spec
 
     surgeon = SpectralSurgeon(spectrum=Recording(tol=TOL), random_state=random_state)
     surgeon.fit(model, splits.X_val, splits.y_val,
                 curvature_data=(splits.X_train, splits.y_train))
     refreshes = []
-    for theta, warm, n in seen:
-        if not warm:
-            continue
-        op = HessianOperator(model, splits.X_train, splits.y_train, theta=theta)
-        cold = LanczosSpectrum(tol=TOL, random_state=random_state + 1).compute(op, k)
-        refreshes.append({"warm_matvecs": n, "cold_matvecs": cold.n_matvec,
-                          "ratio": n / cold.n_matvec})
+    previous = None
+    for theta, warm, n, vectors in seen:
+        if warm:
+            op = HessianOperator(model, splits.X_train, splits.y_train, theta=theta)
+            cold = LanczosSpectrum(tol=TOL, random_state=random_state + 1).compute(op, k)
+            refreshes.append({"warm_matvecs": n, "cold_matvecs": cold.n_matvec,
+                              "ratio": n / cold.n_matvec,
+                              **previous_span_quality(op, previous)})
+        previous = vectors
+    return refreshes, seen, surgeon
+
+
+def previous_span_quality(op, Q):
+    """How far the previous spikes are from the new ones: residuals (÷ λ₁) of the
+    Rayleigh–Ritz pairs of span(Q) at the new θ, and the singular values of their
+    residual block (diagnostics; these products are not counted anywhere)."""
+    Q, _ = torch.linalg.qr(Q)
+    HQ = torch.stack([op.matvec(Q[:, i]) for i in range(Q.shape[1])], dim=1)
+    T = (Q.T @ HQ).double()
+    theta, S = torch.linalg.eigh(0.5 * (T + T.T))
+    theta, S = theta.flip(0), S.flip(1).to(Q.dtype)
+    R = HQ @ S - (Q @ S) * theta.to(Q.dtype)
+    lam1 = float(theta.abs().max())
+    return {"previous_span_rr_residuals": (torch.linalg.vector_norm(R, dim=0) / lam1).tolist(),
+            "previous_span_residual_singular_values": (torch.linalg.svdvals(R) / lam1).tolist()}
+
+
+def warm_summary(refreshes, seen, surgeon, k):
     first = seen[0][2]
     return {
         "k": k, "tol": TOL, "steps": len(surgeon.history_),
@@ -191,7 +213,7 @@ def main(argv=None):
     }
     if not args.skip_peers:
         result["peers"] = peers(model, X, y, k, reference, ours_seconds)
-    result["warm_start"] = warm_refreshes(model, splits, k)
+    result["warm_start"] = warm_summary(*warm_refreshes(model, splits, k), k)
     emit(result, args.output)
 
 

@@ -182,9 +182,11 @@ class LanczosSpectrum(SpectrumBackend):
     ``p`` products. Otherwise Lanczos runs from ``v0`` (the first product is
     reused): ``v0`` lies almost in the wanted subspace, so no ``2k`` guard is
     needed. Measured at ``tol=1e-3``, ``k=9``: a planted operator perturbed
-    by 0.1 % costs 9 products against 18 cold; a trained MNIST MLP after a
-    surgery-sized step costs 13 against 18 (the spikes move more than
-    ``tol``). Columns missing from ``init`` come from a random part, which
+    by 0.1 % costs 9 products against 18 cold; the refreshes of a surgery on
+    a trained MNIST MLP cost 14–16 against 18–19 (a surgery step moves the
+    spikes by 0.3–12 % of ``λ₁``, far more than ``tol``, so confirming them
+    alone takes ``k`` products; ``docs/performance.md`` has the measurement).
+    Columns missing from ``init`` come from a random part, which
     gets the cold-start guard. A spike absent from ``init`` that overtakes
     one of the previous ones can be missed by a warm start.
 
