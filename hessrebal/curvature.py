@@ -196,11 +196,10 @@ class HessianOperator:
         Memory for first-order graphs kept across products, measured as the
         bytes autograd saves for them (default: a quarter of the free memory
         on the model's device, on the host at most 4 GiB; 0 disables the
-        cache). Chunks are kept
-        in order while they fit; the others are rebuilt at every product
-        (about 2× the cost of a kept one), so memory stays within the budget
-        however large the data. With a shuffling DataLoader the graphs are
-        kept only if all of them fit.
+        cache). Chunks are kept in order while they fit; the others are
+        rebuilt at every product (about 2× the cost of a kept one), so memory
+        stays within the budget however large the data. With a shuffling
+        DataLoader the graphs are kept only if all of them fit.
     theta : tensor, optional
         Evaluate the curvature at these flat parameters instead of the model's.
 
