@@ -21,14 +21,12 @@ from typing import Any
 import torch
 
 from .base import (
-    CountingMatvec,
     DeflatedOperator,
     Spectrum,
     SpectrumBackend,
-    check_init,
-    check_n_components,
-    check_operator,
+    check_compute_args,
     check_positive,
+    counted_operator,
     orthogonalize,
     random_vector,
     relative,
@@ -244,8 +242,7 @@ class LanczosSpectrum(SpectrumBackend):
         -------
         Spectrum
         """
-        dim, dtype, device = check_operator(operator)
-        k = check_n_components(n_components, dim)
+        dim, k, dtype, device = check_compute_args(operator, n_components)
         tol = check_positive(self.tol, "tol")
         max_iter = check_positive(self.max_iter, "max_iter", integer=True, allow_none=True)
         max_basis = check_positive(self.max_basis, "max_basis", integer=True, allow_none=True)
@@ -253,7 +250,7 @@ class LanczosSpectrum(SpectrumBackend):
                                      allow_none=True)
         phase_size = check_positive(self.phase_size, "phase_size", integer=True,
                                     allow_none=True)
-        init = check_init(init, dim, dtype, device)
+        init, counter = counted_operator(operator, init, dim, dtype, device)
         if max_vectors is not None and max_vectors < 4:
             raise ValueError(f"max_vectors must be at least 4; got {max_vectors}.")
         if phase_size is None:
@@ -266,7 +263,6 @@ class LanczosSpectrum(SpectrumBackend):
             )
         budget = max_iter if max_iter is not None else max(300, 30 * k)
 
-        counter = CountingMatvec(operator, dim, dtype, device)
         gen = torch_generator(self.random_state, operator)
         init_cols = _normalized_columns(init)
         vals, vecs, res, scale = [], [], [], 0.0
