@@ -28,6 +28,7 @@ from .parameters import ParameterSpace, ParamSelection, unwrap_model
 from .sensitivity import FiniteDifferenceSensitivity, SoftmaxSurrogateSensitivity
 from .solvers import CoefficientProblem, CvxpyQPSolver, ProjectedGradientSolver, SolverWarning
 from .spectrum import DenseSpectrum, LanczosSpectrum, PowerIterationSpectrum, count_spikes
+from .spectrum.base import broadcast_seed
 
 _OBJECTIVES = ("weighted", "maxmin")
 _BUDGET_SHAPES = ("l2", "box")
@@ -341,7 +342,9 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
             Default: the validation data.
         process_group : torch.distributed ProcessGroup, optional
             Passed to :class:`HessianOperator`: each rank gives its own shard
-            of ``curvature_data`` and the Hessian is the full-data one.
+            of ``curvature_data`` and the Hessian is the full-data one. Every
+            rank passes the same ``X_val, y_val``; an unseeded fit uses rank
+            0's seed everywhere, so all ranks return the same result.
 
         Returns
         -------
@@ -389,7 +392,8 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         if curvature_data is not None:
             self._check_data(fmodel, curv, "curvature_data", "curvature_data")
         k_wanted = self._n_wanted(n_classes, space.dim)
-        sens_data, sel_data = self._split_selection(val, n_classes)
+        sens_data, sel_data = self._split_selection(val, n_classes, process_group,
+                                                    space.device)
 
         theta0 = fmodel.initial_theta()
         theta = theta0.clone()
@@ -854,11 +858,17 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
                     UserWarning, stacklevel=4)
         return n_classes
 
-    def _split_selection(self, val: LabelledData, n_classes: int):
+    def _split_selection(self, val: LabelledData, n_classes: int, process_group: Any,
+                         device: torch.device):
         if self.selection_fraction is None:
             return val, val
         labels = val.labels().numpy()
-        rng = np.random.default_rng(self.random_state)
+        seed = self.random_state
+        if seed is None and process_group is not None:
+            # Unseeded ranks would split differently and their surgeries diverge.
+            seed = broadcast_seed(int(np.random.SeedSequence().generate_state(1)[0]),
+                                  process_group, device)
+        rng = np.random.default_rng(seed)
         sel = []
         for c in range(n_classes):
             idx = np.flatnonzero(labels == c)

@@ -75,6 +75,11 @@ def main(out: Path) -> None:
     res["surgeon_full"] = {"perturbation": reference.perturbation_,
                            "eigenvalues": reference.eigenvalues_,
                            "accepted": [h["accepted"] for h in reference.history_]}
+    # Unseeded, with a selection split: rank 0's seed is broadcast for both.
+    unseeded = SpectralSurgeon(max_steps=2, budget=0.5, selection_fraction=0.5).fit(
+        model, X, y, curvature_data=curv, process_group=group)
+    res["unseeded"] = {"perturbation": unseeded.perturbation_,
+                       "accuracy_before": unseeded.per_class_accuracy_before_}
     torch.save(res, out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

@@ -83,3 +83,10 @@ def test_surgeon_identical_on_every_rank_and_equal_to_full_data(ranks):
                                rtol=1e-6)
     torch.testing.assert_close(a["surgeon"]["perturbation"], a["surgeon_full"]["perturbation"],
                                rtol=1e-6, atol=1e-9)
+
+
+def test_unseeded_selection_split_is_the_same_on_every_rank(ranks):
+    a, b = ranks
+    np.testing.assert_array_equal(a["unseeded"]["accuracy_before"],
+                                  b["unseeded"]["accuracy_before"])
+    assert torch.equal(a["unseeded"]["perturbation"], b["unseeded"]["perturbation"])

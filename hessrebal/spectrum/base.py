@@ -218,13 +218,18 @@ def torch_generator(random_state: Any, operator: Any = None) -> torch.Generator:
     seed = int(rng.randint(0, 2**31 - 1))
     group = getattr(operator, "process_group", None)
     if group is not None and random_state is None:
-        import torch.distributed as dist
-
-        device = getattr(operator, "device", torch.device("cpu"))
-        t = torch.tensor([seed], dtype=torch.int64, device=device)
-        dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
-        seed = int(t.item())
+        seed = broadcast_seed(seed, group, getattr(operator, "device", torch.device("cpu")))
     return torch.Generator().manual_seed(seed)
+
+
+def broadcast_seed(seed: int, group: Any, device: torch.device) -> int:
+    """Rank 0's ``seed`` on every rank of ``group`` (``device``: where the
+    backend communicates, the GPU for NCCL)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([seed], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
+    return int(t.item())
 
 
 def random_vector(gen: torch.Generator, dim: int, dtype: torch.dtype,
