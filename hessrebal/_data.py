@@ -84,12 +84,15 @@ class LabelledData:
         loader: DataLoader | None = None,
         dataset: Dataset | None = None,
         name: str = "X",
+        y_name: str = "y",
     ) -> None:
         self.X = X
         self.y = y
         self.loader = loader
         self.dataset = dataset
+        # The caller's argument names, for messages about these data.
         self.name = name
+        self.y_name = y_name
         self._n_samples: int | None = None if X is None else int(X.shape[0])
         self._labels: torch.Tensor | None = y
 
@@ -142,9 +145,10 @@ class LabelledData:
         """The samples at ``indices`` (stratified splits of the validation data)."""
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
         if self.in_memory:
-            return LabelledData(self.X[idx], self.y[idx], name=self.name)
+            return LabelledData(self.X[idx], self.y[idx], name=self.name, y_name=self.y_name)
         source = self.loader.dataset if self.loader is not None else self.dataset
-        return LabelledData(dataset=Subset(source, idx.tolist()), name=self.name)
+        return LabelledData(dataset=Subset(source, idx.tolist()), name=self.name,
+                            y_name=self.y_name)
 
 
 def _move(x: torch.Tensor, device, dtype) -> torch.Tensor:
@@ -183,8 +187,8 @@ def as_data(X: Any, y: Any = None, *, name: str = "X", y_name: str = "y") -> Lab
                 "its batches carry the labels."
             )
         if isinstance(X, DataLoader):
-            return LabelledData(loader=X, name=name)
-        return LabelledData(dataset=X, name=name)
+            return LabelledData(loader=X, name=name, y_name=y_name)
+        return LabelledData(dataset=X, name=name, y_name=y_name)
     if y is None and isinstance(X, tuple) and len(X) == 2:
         X, y = X
     if y is None:
@@ -201,4 +205,4 @@ def as_data(X: Any, y: Any = None, *, name: str = "X", y_name: str = "y") -> Lab
             f"{Xt.shape[0]} and {yt.shape[0]}."
         )
     check_inputs(Xt, name)
-    return LabelledData(Xt, yt, name=name)
+    return LabelledData(Xt, yt, name=name, y_name=y_name)

@@ -373,7 +373,8 @@ class HessianOperator:
         nbytes = X.numel() * torch.empty((), dtype=dtype).element_size() + y.numel() * 8
         if nbytes > default_cache_bytes(self.device):
             return data
-        return LabelledData(X.to(self.device, dtype), y.to(self.device), name=data.name)
+        return LabelledData(X.to(self.device, dtype), y.to(self.device), name=data.name,
+                            y_name=data.y_name)
 
     def _forward(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self._affine_bn:

@@ -137,7 +137,7 @@ class SurgicalClassifier(ClassifierMixin, BaseEstimator):
         X_t, y_t = self._check_X_y(X, y, working)
         space = ParameterSpace(working, surgeon.params)
         fmodel = FunctionalModel(working, space, surgeon.output_to_logits)
-        data = as_data(X_t, y_t)
+        data = as_data(X_t, y_t)  # names "X"/"y" carry into the surgeon's messages
         x0, _ = next(data.chunks(self.batch_size, fmodel.device, fmodel.dtype))
         n_outputs = fmodel.probe(x0, "X")
         check_label_range(data.labels(), n_outputs, "y")

@@ -386,7 +386,7 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         space = ParameterSpace(module, self.params)
         fmodel = FunctionalModel(module, space, self.output_to_logits)
         val = as_data(X_val, y_val, name="X_val", y_name="y_val")
-        n_classes = self._check_data(fmodel, val, "X_val", "y_val")
+        n_classes = self._check_data(fmodel, val, val.name, val.y_name, validation=True)
         curv = (val if curvature_data is None
                 else as_data(curvature_data, name="curvature_data", y_name="curvature_data"))
         if curvature_data is not None:
@@ -399,7 +399,7 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         theta = theta0.clone()
         sel_state = _evaluate(fmodel, theta, sel_data, n_classes, self.batch_size)
         if not sel_state["finite"]:
-            raise ValueError("model gives NaN or infinite logits on X_val at its trained "
+            raise ValueError(f"model gives NaN or infinite logits on {val.name} at its trained "
                              "parameters" + _non_finite_buffer_hint(module) + ".")
         sens_acc = (sel_state["acc"] if sens_data is sel_data else
                     _evaluate(fmodel, theta, sens_data, n_classes, self.batch_size)["acc"])
@@ -834,14 +834,14 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         return copy.deepcopy(module).to(device)
 
     def _check_data(self, fmodel: FunctionalModel, data: LabelledData, x_name: str,
-                    y_name: str) -> int:
+                    y_name: str, validation: bool = False) -> int:
         first = next(iter(data.chunks(self.batch_size, fmodel.device, fmodel.dtype)), None)
         if first is None:
             raise ValueError(f"{x_name} is empty (0 samples).")
         n_classes = fmodel.probe(first[0], x_name)
         labels = data.labels()
         check_label_range(labels, n_classes, y_name)
-        if x_name == "X_val":
+        if validation:
             counts = np.bincount(labels.numpy(), minlength=n_classes)
             absent = np.flatnonzero(counts == 0)
             if absent.size:

@@ -234,6 +234,16 @@ def test_invalid_inputs_raise_naming_them(make, error, match):
         SurgicalClassifier(model, SpectralSurgeon(max_steps=1)).fit(X_bad, y_bad)
 
 
+def test_warnings_name_the_classifiers_arguments():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3))
+    X = np.random.default_rng(0).normal(size=(30, 3))
+    y = np.r_[np.zeros(15), np.ones(14), [2]].astype(int)
+    with pytest.warns(UserWarning, match=r"fewer than 10 samples in y \(") as record:
+        SurgicalClassifier(model, SpectralSurgeon(max_steps=1, random_state=0)).fit(X, y)
+    assert not any("y_val" in str(w.message) for w in record)
+
+
 def test_prediction_errors():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 3))
