@@ -9,7 +9,8 @@ markers in docs/benchmarks.md:
 - ``paired``: per-seed σ differences between the surgery and its rivals
   (mean ± std, and on how many seeds the surgery had the lower σ);
 - ``grid``: the full comparison tables (``hessrebal.bench.format_table``);
-- ``bulk_walk``, ``spike_count``, ``weight_power``, ``validation_size``: the
+- ``bulk_walk``, ``spike_count``, ``weight_power``, ``validation_size``,
+  ``refresh_value``: the
   Markdown the side-experiment scripts wrote next to their JSON.
 
 Also writes the full tables to ``benchmarks/results/tables.md``. Usage::
@@ -145,7 +146,7 @@ def main() -> int:
     doc = fill(doc, "paired", paired(results))
     doc = fill(doc, "grid", full)
     for name in ("bulk_walk", "bulk_walk_small", "spike_count", "weight_power",
-                 "validation_size"):
+                 "validation_size", "refresh_value"):
         path = RESULTS / f"{name}.md"
         if path.exists():
             doc = fill(doc, name, path.read_text())

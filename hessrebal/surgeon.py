@@ -175,7 +175,9 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         this caps the total (*ours*; None keeps the paper's rule).
     refresh_spectrum : int, default=1
         Recompute the spectrum every this many steps (the paper: every step);
-        0 computes it once. A refresh starts from the previous spikes.
+        0 computes it once. A refresh starts from the previous spikes. The
+        refreshes make most of a fit's HVPs; measured on the benchmark
+        models, 0 gave the same held-out results (docs/performance.md).
     selection_fraction : float or None, default=None
         Keep this stratified fraction of the validation data for the
         accept/rollback decision only (against fitting validation noise).
