@@ -20,6 +20,7 @@ Also writes the full tables to ``benchmarks/results/tables.md``. Usage::
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import statistics
@@ -132,7 +133,9 @@ def fill(doc: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), doc)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    # No options; parsing still answers --help instead of rewriting the docs.
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     results = load_grid()
     summary = summarize(list(results.values()))
     full = format_table(summary)

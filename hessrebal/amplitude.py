@@ -9,10 +9,12 @@ Protocol, shared by every controller (and by a user's own class):
 ``update(accepted, signal) -> float``
     Record the outcome of one iteration and return the next budget.
     ``signal`` is the improvement signal computed by the surgeon:
-    ``sigma_{t-1} - sigma_t`` after an accepted step and ``-Delta_max`` (the
-    largest per-class accuracy drop of the rejected candidate) after a
-    rollback. :class:`GammaDecay` and :class:`GrowShrink` only use
-    ``accepted``.
+    ``sigma_{t-1} - sigma_t`` after an accepted step and, after a rollback,
+    minus the size of what went wrong (never positive: mostly ``-Delta_max``,
+    the largest per-class accuracy drop of the rejected candidate; the σ rise
+    or total drop when larger and the cause; -1 for non-finite logits, 0 for
+    a zero step; docs/method.md lists the cases). :class:`GammaDecay` and
+    :class:`GrowShrink` only use ``accepted``.
 """
 
 from __future__ import annotations
@@ -209,8 +211,9 @@ class GrowShrink(AmplitudeController):
 class AdamSNR(AmplitudeController):
     """Budget from the signal-to-noise ratio of Adam moments of the improvement.
 
-    With the signal ``g_t`` (``sigma_{t-1} - sigma_t`` on success,
-    ``-Delta_max`` on rollback) and ``T = max_steps``::
+    With the signal ``g_t`` (``sigma_{t-1} - sigma_t`` on success, minus the
+    size of the failure, mostly ``-Delta_max``, on rollback) and
+    ``T = max_steps``::
 
         m_t = beta1 m_{t-1} + (1 - beta1) g_t,   v_t = beta2 v_{t-1} + (1 - beta2) g_t^2
         SNR_t = (m_t / (1 - beta1^t)) / (sqrt(v_t / (1 - beta2^t)) + eps)
