@@ -138,7 +138,7 @@ def warm_refreshes(model, splits, k, random_state=0):
         def compute(self, operator, n_components, init=None):
             spec = super().compute(operator, n_components, init=init)
             seen.append((operator.theta.clone(), init is not None, spec.n_matvec,
-                         spec.eigenvectors.clone()))
+                         spec.eigenvectors.clone(), spec.eigenvalues.clone()))
             return spec
 
     surgeon = SpectralSurgeon(spectrum=Recording(tol=TOL), random_state=random_state)
@@ -146,12 +146,15 @@ def warm_refreshes(model, splits, k, random_state=0):
                 curvature_data=(splits.X_train, splits.y_train))
     refreshes = []
     previous = None
-    for theta, warm, n, vectors in seen:
+    for theta, warm, n, vectors, values in seen:
         if warm:
             op = HessianOperator(model, splits.X_train, splits.y_train, theta=theta)
             cold = LanczosSpectrum(tol=TOL, random_state=random_state + 1).compute(op, k)
             refreshes.append({"warm_matvecs": n, "cold_matvecs": cold.n_matvec,
                               "ratio": n / cold.n_matvec,
+                              # the warm start found the same spikes as a cold one
+                              "warm_vs_cold_eigenvalue_rel_diff": rel_err(
+                                  values.numpy(), cold.eigenvalues.numpy()),
                               "cold_matvecs_without_guard": unguarded_cold(
                                   op, k, TOL, random_state + 1, cold.n_matvec),
                               "other_tols": other_tols(op, k, previous, random_state + 1),
