@@ -10,7 +10,7 @@ from hessrebal import SpectralSurgeon
 from hessrebal.amplitude import AdamSNR, GammaDecay, GrowShrink
 from hessrebal.sensitivity import FiniteDifferenceSensitivity, SoftmaxSurrogateSensitivity
 from hessrebal.solvers import CvxpyQPSolver, ProjectedGradientSolver
-from hessrebal.spectrum import DenseSpectrum, LanczosSpectrum, PowerIterationSpectrum
+from hessrebal.spectrum import DenseSpectrum, LanczosSpectrum, PowerIterationSpectrum, Spectrum
 from hessrebal.surgeon import default_budget
 from tests.conftest import assert_unchanged, snapshot, tiny_cnn, train_full_batch
 
@@ -226,3 +226,41 @@ def test_total_class_drop_cap_bounds_every_accepted_state(problem):
     assert any("in total" in h["reason"] for h in capped.history_)
     with pytest.raises(ValueError, match="max_total_class_drop"):
         SpectralSurgeon(max_total_class_drop=-1).fit(model, Xv, yv)
+
+
+class _SameSpanRefresh(DenseSpectrum):
+    """At a refresh, the previous spikes rotated within their span, with other
+    eigenvalues: what a refresh that only re-diagonalises the old span returns."""
+
+    calls: list[str] = []
+
+    def compute(self, operator, n_components, init=None):
+        if init is None:
+            type(self).calls.append("first")
+            return super().compute(operator, n_components)
+        type(self).calls.append("refresh")
+        k = init.shape[1]
+        g = torch.Generator().manual_seed(len(type(self).calls))
+        R, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=init.dtype))
+        values = torch.sort(1.0 + torch.rand(k, generator=g, dtype=init.dtype),
+                            descending=True).values
+        return Spectrum(eigenvalues=values, eigenvectors=init @ R, n_matvec=0,
+                        residuals=np.zeros(k), converged=np.ones(k, dtype=bool))
+
+
+def test_refreshes_follow_accepted_steps_and_a_same_span_refresh_changes_nothing(problem):
+    # docs/performance.md: with the default l2 budget, no curvature penalty and
+    # the (linear) surrogate, the step depends on the span of the spikes only.
+    model, _, (Xv, yv), _ = problem
+    kwargs = dict(max_steps=6, budget=0.5, random_state=0)
+    kept = SpectralSurgeon(spectrum=DenseSpectrum(), refresh_spectrum=0, **kwargs).fit(
+        model, Xv, yv)
+    _SameSpanRefresh.calls = []
+    rotated = SpectralSurgeon(spectrum=_SameSpanRefresh(), refresh_spectrum=1, **kwargs).fit(
+        model, Xv, yv)
+    accepted = [h["accepted"] for h in rotated.history_]
+    # a refresh before every step that follows an accepted one, and only then
+    assert _SameSpanRefresh.calls.count("first") == 1
+    assert _SameSpanRefresh.calls.count("refresh") == sum(accepted[:-1]) >= 1
+    assert accepted == [h["accepted"] for h in kept.history_]
+    torch.testing.assert_close(rotated.perturbation_, kept.perturbation_, rtol=1e-5, atol=1e-7)
