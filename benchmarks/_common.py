@@ -26,6 +26,17 @@ def setup(threads: int = 1) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def reference_checkpoint(dataset: str, splits: Any, seed: int) -> tuple[torch.nn.Module, Any]:
+    """The benchmark's model for ``splits``, trained from scratch with
+    ``hessrebal bench``'s settings for ``dataset``, and the seeded training
+    sample where its Hessian is taken: ``(model, curvature_data)``."""
+    from hessrebal.bench import curvature_sample, default_settings, train_reference_model
+
+    settings = default_settings(dataset)
+    model, _ = train_reference_model(splits, seed, settings)
+    return model, curvature_sample(splits, settings.curvature_samples, seed)
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 

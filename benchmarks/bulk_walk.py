@@ -32,11 +32,20 @@ import sys
 
 import numpy as np
 import torch
-from _common import IMAGES, log, mean_std, pyplot, save_figure, setup, write_json, write_text
+from _common import (
+    IMAGES,
+    log,
+    mean_std,
+    pyplot,
+    reference_checkpoint,
+    save_figure,
+    setup,
+    write_json,
+    write_text,
+)
 
 from hessrebal._data import as_data
 from hessrebal._model import FunctionalModel, predict_logits
-from hessrebal.bench import curvature_sample, default_settings, train_reference_model
 from hessrebal.curvature import HessianOperator
 from hessrebal.datasets import load_long_tailed
 from hessrebal.metrics import summarize
@@ -69,11 +78,9 @@ def walk(fmodel, theta0, direction, h, steps, sets, C, gen):
 
 
 def run_seed(dataset, ratio, seed, steps, step_scale):
-    settings = default_settings(dataset)
     splits = load_long_tailed(dataset, imbalance_ratio=ratio, random_state=seed)
     C = splits.n_classes
-    model, _ = train_reference_model(splits, seed, settings)
-    curv = curvature_sample(splits, settings.curvature_samples, seed)
+    model, curv = reference_checkpoint(dataset, splits, seed)
     op = HessianOperator(model, *curv)
     spec = LanczosSpectrum(tol=1e-4, random_state=seed).compute(op, C)
     lam = spec.eigenvalues.detach().cpu().double().numpy()

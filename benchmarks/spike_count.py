@@ -22,9 +22,18 @@ import dataclasses
 
 import numpy as np
 import torch
-from _common import IMAGES, log, mean_std, pyplot, save_figure, setup, write_json, write_text
+from _common import (
+    IMAGES,
+    log,
+    mean_std,
+    pyplot,
+    reference_checkpoint,
+    save_figure,
+    setup,
+    write_json,
+    write_text,
+)
 
-from hessrebal.bench import curvature_sample, default_settings, train_reference_model
 from hessrebal.curvature import HessianOperator
 from hessrebal.datasets import load_long_tailed
 from hessrebal.spectrum import LanczosSpectrum, count_spikes
@@ -47,11 +56,9 @@ def class_subset(splits, C, seed):
 
 
 def run_one(dataset, C, seed):
-    settings = default_settings(dataset)
     full = load_long_tailed(dataset, imbalance_ratio=1.0, random_state=seed)
     splits, keep = class_subset(full, C, seed)
-    model, _ = train_reference_model(splits, seed, settings)
-    curv = curvature_sample(splits, settings.curvature_samples, seed)
+    model, curv = reference_checkpoint(dataset, splits, seed)
     op = HessianOperator(model, *curv)
     k = min(2 * C + 2, op.shape[0])
     spec = LanczosSpectrum(tol=1e-4, random_state=seed).compute(op, k)

@@ -29,15 +29,10 @@ import argparse
 import sys
 
 import numpy as np
-from _common import log, mean_std, setup, write_json, write_text
+from _common import log, mean_std, reference_checkpoint, setup, write_json, write_text
 
 from hessrebal import SpectralSurgeon
-from hessrebal.bench import (
-    curvature_sample,
-    default_settings,
-    evaluate_model,
-    train_reference_model,
-)
+from hessrebal.bench import evaluate_model
 from hessrebal.datasets import load_long_tailed
 
 VARIANTS = {
@@ -54,12 +49,10 @@ def nested_subset(y, n, C):
 
 
 def run_cell(dataset, ratio, seed, sizes, pool):
-    settings = default_settings(dataset)
     splits = load_long_tailed(dataset, imbalance_ratio=ratio, random_state=seed,
                               val_per_class=pool, test_per_class=100)
     C = splits.n_classes
-    model, _ = train_reference_model(splits, seed, settings)
-    curv = curvature_sample(splits, settings.curvature_samples, seed)
+    model, curv = reference_checkpoint(dataset, splits, seed)
     X_val, y_val = splits.data("val")
     X_te, y_te = splits.data("test")
     before = evaluate_model(model, X_te, y_te, C)

@@ -22,15 +22,10 @@ import sys
 import time
 
 import numpy as np
-from _common import log, mean_std, setup, write_json, write_text
+from _common import log, mean_std, reference_checkpoint, setup, write_json, write_text
 
 from hessrebal import SpectralSurgeon
-from hessrebal.bench import (
-    curvature_sample,
-    default_settings,
-    evaluate_model,
-    train_reference_model,
-)
+from hessrebal.bench import evaluate_model
 from hessrebal.datasets import load_long_tailed
 
 POWERS = (0.0, 0.5, 1.0, 2.0, "auto")
@@ -43,13 +38,11 @@ def rule(val_acc: np.ndarray) -> float:
 
 
 def run_cell(dataset, ratio, seed):
-    settings = default_settings(dataset)
     splits = load_long_tailed(dataset, imbalance_ratio=ratio, random_state=seed)
     C = splits.n_classes
-    model, _ = train_reference_model(splits, seed, settings)
+    model, curv = reference_checkpoint(dataset, splits, seed)
     X_val, y_val = splits.data("val")
     X_te, y_te = splits.data("test")
-    curv = curvature_sample(splits, settings.curvature_samples, seed)
     before = evaluate_model(model, X_te, y_te, C)
     val_before = evaluate_model(model, X_val, y_val, C)
     out = {"dataset": dataset, "ratio": ratio, "seed": seed,
