@@ -21,6 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._data import DEFAULT_BATCH_SIZE, LabelledData, as_data, check_label_range
 from ._model import FunctionalModel, OutputToLogits, check_finite_parameters, predict_logits
 from ._persistence import load_state, save_state
+from ._process_state import PROCESS_STATE_LOCK
 from .amplitude import AdamSNR, GammaDecay, GrowShrink
 from .curvature import HessianOperator
 from .metrics import balanced_accuracy, class_std, per_class_accuracy
@@ -999,7 +1000,7 @@ def _solve(solver: Any, problem: CoefficientProblem) -> tuple[np.ndarray, list[s
     """
     k = problem.sensitivity.shape[1]
     failure = None
-    with warnings.catch_warnings(record=True) as caught:
+    with PROCESS_STATE_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             alpha = np.asarray(solver.solve(problem), dtype=np.float64).reshape(-1)

@@ -81,3 +81,31 @@ def test_finite_difference_probe_tied_to_budget_unless_given():
             fm, theta, Q, data, 3, budget=0.1, batch_size=64)
     with pytest.raises(ValueError, match="kind"):
         SoftmaxSurrogateSensitivity(kind="hinge").estimate(fm, theta, Q, data, 3, batch_size=64)
+
+
+def test_surrogate_is_exact_when_threads_run_it_concurrently():
+    # torch numbers forward-AD levels process-wide: two threads inside
+    # torch.func.jvp at once can lose each other's tangents and return zeros
+    # (seen in SpectralSurgeonSearch(n_jobs=2) before the surrogate took a lock).
+    import copy
+    import threading
+
+    model, fm, theta, Q, data = setup(n=240)
+    est = SoftmaxSurrogateSensitivity(kind="margin")
+    ref = est.estimate(fm, theta, Q, data, 3, batch_size=16)
+    results: list[list[np.ndarray]] = [[], []]
+
+    def work(i):
+        m = copy.deepcopy(model)
+        own = FunctionalModel(m, ParameterSpace(m))
+        for _ in range(10):
+            results[i].append(est.estimate(own, theta, Q, data, 3, batch_size=16))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [len(r) for r in results] == [10, 10]
+    for S in results[0] + results[1]:
+        np.testing.assert_array_equal(S, ref)

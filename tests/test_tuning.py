@@ -4,6 +4,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -347,8 +348,10 @@ def test_two_worker_processes_share_one_journal_study(tmp_path):
 
 def test_parallel_threads_run_all_trials(task):
     model, X, y, *_ = task
+    filters = list(warnings.filters)
     search = SpectralSurgeonSearch(_surgeon(), {"budget": FloatDistribution(0.01, 0.2, log=True)},
                                    n_trials=4, n_jobs=2, random_state=0).fit(model, X, y)
+    assert warnings.filters == filters  # interleaved catch_warnings would leave them changed
     assert search.n_trials_ == 4
     assert all(t.state == TrialState.COMPLETE for t in search.study_.trials)
     assert search.best_score_ == max(t.value for t in search.study_.trials)

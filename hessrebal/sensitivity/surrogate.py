@@ -10,6 +10,7 @@ from torch.func import jvp, vjp, vmap
 
 from .._data import LabelledData
 from .._model import FunctionalModel
+from .._process_state import PROCESS_STATE_LOCK
 from .base import SensitivityEstimator, check_directions
 
 _KINDS = ("probability", "log_probability", "margin")
@@ -120,7 +121,7 @@ class SoftmaxSurrogateSensitivity(SensitivityEstimator):
 
 def _vectorised(fn, rows: torch.Tensor) -> torch.Tensor:
     """``stack([fn(r) for r in rows])`` in one vmapped call when the model allows it."""
-    with warnings.catch_warnings():
+    with PROCESS_STATE_LOCK, warnings.catch_warnings():
         # torch's forward-AD decompositions call the deprecated torch.jit.script
         # when first loaded; that warning is torch's, not the user's concern.
         warnings.filterwarnings("ignore", message=".*torch.jit.script", category=FutureWarning)

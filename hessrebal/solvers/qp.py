@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._process_state import PROCESS_STATE_LOCK
 from .base import CoefficientProblem, CoefficientSolver
 
 __all__ = ["CvxpyQPSolver"]
@@ -197,7 +198,7 @@ class CvxpyQPSolver(CoefficientSolver):
         failures = []
         for name in names:
             try:
-                with warnings.catch_warnings():
+                with PROCESS_STATE_LOCK, warnings.catch_warnings():
                     # cvxpy warns about inaccurate solutions; the status says it all.
                     warnings.simplefilter("ignore", UserWarning)
                     built.problem.solve(solver=name, warm_start=bool(self.warm_start))
