@@ -71,6 +71,28 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
+def run_cells(args: Any, label: str, run_cell: Any) -> list[dict[str, Any]]:
+    """``run_cell(dataset, ratio, seed)`` over ``args.datasets × args.ratios × seeds``.
+
+    The JSON is rewritten after every cell, so an interrupted run keeps what
+    it measured.
+    """
+    cells: list[dict[str, Any]] = []
+    for dataset in args.datasets:
+        for ratio in args.ratios:
+            for seed in range(args.seeds):
+                log(f"{label} {dataset} r={ratio:g} seed {seed}")
+                cells.append(run_cell(dataset, ratio, seed))
+                write_json(args.name, {"settings": vars(args), "cells": cells})
+    return cells
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reruns ``benchmarks/<script>`` with these arguments."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", f"benchmarks/{script}", *args])
+
+
 def write_text(name: str, text: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name

@@ -28,12 +28,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
 import torch
 from _common import (
     IMAGES,
+    command_line,
     log,
     mean_std,
     pyplot,
@@ -177,12 +177,11 @@ def main(argv=None):
         log(f"bulk walk {args.dataset} r={args.ratio:g} seed {seed}")
         runs.append(run_seed(args.dataset, args.ratio, seed, args.steps, args.step_scale))
     table = summarize_runs(runs, args.steps)
-    cmd = "python benchmarks/bulk_walk.py " + " ".join(argv if argv is not None
-                                                         else sys.argv[1:])
+    cmd = command_line("bulk_walk.py", argv)
     md = (f"Bulk walk on {args.dataset} (imbalance ratio {args.ratio:g}), {args.seeds} seeds, "
           f"{args.steps} steps of {args.step_scale:g}·(α₀/0.02) = "
           f"{mean_std([r['step'] / r['budget'] for r in runs], 1, 1)}·α₀; change after the "
-          f"last step (mean ± std over seeds).\n\n{table}\n\nCommand: `{cmd.strip()}`\n")
+          f"last step (mean ± std over seeds).\n\n{table}\n\nCommand: `{cmd}`\n")
     write_json(args.name, {"settings": vars(args), "runs": runs})
     write_text(f"{args.name}.md", md)
     plot(runs, args.steps, IMAGES / f"{args.name}.png")

@@ -17,11 +17,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import numpy as np
-from _common import log, mean_std, reference_checkpoint, setup, write_json, write_text
+from _common import command_line, mean_std, reference_checkpoint, run_cells, setup, write_text
 
 from hessrebal import SpectralSurgeon
 from hessrebal.bench import evaluate_model
@@ -85,20 +84,13 @@ def main(argv=None):
     ap.add_argument("--name", default="refresh_value")
     args = ap.parse_args(argv)
     setup()
-    cells = []
-    for dataset in args.datasets:
-        for ratio in args.ratios:
-            for seed in range(args.seeds):
-                log(f"refresh value {dataset} r={ratio:g} seed {seed}")
-                cells.append(run_cell(dataset, ratio, seed))
-                write_json(args.name, {"settings": vars(args), "cells": cells})
-    cmd = "python benchmarks/refresh_value.py " + " ".join(argv if argv is not None
-                                                             else sys.argv[1:])
+    cells = run_cells(args, "refresh value", run_cell)
+    cmd = command_line("refresh_value.py", argv)
     md = ("Spectrum refreshes: held-out Δσ / Δ balanced accuracy (percentage points, mean ± "
           f"std over {args.seeds} seeds, against the trained model) and the mean HVPs of the "
           "fit, for the surgery with `refresh_spectrum` = 1, 2 and 0. Last column: paired "
           "σ difference (in brackets: seeds on which refreshing every step gave the lower "
-          "σ).\n\n" + table(cells) + f"\n\nCommand: `{cmd.strip()}`\n")
+          "σ).\n\n" + table(cells) + f"\n\nCommand: `{cmd}`\n")
     write_text(f"{args.name}.md", md)
     print(md)
 

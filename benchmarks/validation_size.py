@@ -26,10 +26,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
-from _common import log, mean_std, reference_checkpoint, setup, write_json, write_text
+from _common import (
+    command_line,
+    log,
+    mean_std,
+    reference_checkpoint,
+    setup,
+    write_json,
+    write_text,
+)
 
 from hessrebal import SpectralSurgeon
 from hessrebal.bench import evaluate_model
@@ -117,11 +124,10 @@ def main(argv=None):
             log(f"validation size {dataset} r={ratio} seed {seed}")
             runs.append(run_cell(dataset, ratio, seed, args.sizes, pool))
             write_json(args.name, {"settings": vars(args), "runs": runs})
-    cmd = "python benchmarks/validation_size.py " + " ".join(argv if argv is not None
-                                                               else sys.argv[1:])
+    cmd = command_line("validation_size.py", argv)
     md = ("Held-out gain versus validation size: Δ against the trained model in percentage "
           f"points (mean ± std over {args.seeds} seeds), 100 test images per class.\n\n"
-          + table(runs, args.sizes) + f"\n\nCommand: `{cmd.strip()}`\n")
+          + table(runs, args.sizes) + f"\n\nCommand: `{cmd}`\n")
     write_text(f"{args.name}.md", md)
     print(md)
 

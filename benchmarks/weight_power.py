@@ -18,11 +18,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import numpy as np
-from _common import log, mean_std, reference_checkpoint, setup, write_json, write_text
+from _common import command_line, mean_std, reference_checkpoint, run_cells, setup, write_text
 
 from hessrebal import SpectralSurgeon
 from hessrebal.bench import evaluate_model
@@ -99,20 +98,13 @@ def main(argv=None):
     ap.add_argument("--name", default="weight_power")
     args = ap.parse_args(argv)
     setup()
-    cells = []
-    for dataset in args.datasets:
-        for ratio in args.ratios:
-            for seed in range(args.seeds):
-                log(f"weight power {dataset} r={ratio:g} seed {seed}")
-                cells.append(run_cell(dataset, ratio, seed))
-                write_json(args.name, {"settings": vars(args), "cells": cells})
-    cmd = "python benchmarks/weight_power.py " + " ".join(argv if argv is not None
-                                                            else sys.argv[1:])
+    cells = run_cells(args, "weight power", run_cell)
+    cmd = command_line("weight_power.py", argv)
     md = ("Weight-power ablation: held-out Δσ / Δ balanced accuracy (percentage points, "
           f"mean ± std over {args.seeds} seeds) of the surgery with w_j ∝ e_j^p, against the "
           "trained model. 'auto' is the paper's rule (p = 2 if e_max/e_min < 5, else ½); "
           "'best fixed p' has the lowest mean held-out σ.\n\n" + table(cells)
-          + f"\n\nCommand: `{cmd.strip()}`\n")
+          + f"\n\nCommand: `{cmd}`\n")
     write_text(f"{args.name}.md", md)
     print(md)
 
