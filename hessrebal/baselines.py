@@ -48,6 +48,7 @@ __all__ = [
     "LogitAdjustment",
     "TauNormalization",
     "ClassBiasTuning",
+    "LastLayerRetraining",
     "LogitAdjustedModel",
 ]
 
@@ -522,6 +523,31 @@ def _find_linear(module: nn.Module, layer: str | None) -> tuple[str, nn.Linear]:
     return layer, modules[layer]
 
 
+def _layer_inputs(module: nn.Module, lin: nn.Linear, data, batch_size: int,
+                  name: str = "X_val"):
+    """The model's logits on ``data``, the inputs of its layer ``lin`` (float64,
+    CPU) and whether that layer's output *is* the logits (nothing after it), so
+    the head can be recomputed from the cached inputs alone."""
+    captured_in: list[torch.Tensor] = []
+    captured_out: list[torch.Tensor] = []
+
+    def hook(_mod, inputs, output):
+        captured_in.append(inputs[0].detach().reshape(-1, lin.in_features).cpu())
+        captured_out.append(output.detach().reshape(-1, lin.out_features).cpu())
+
+    handle = lin.register_forward_hook(hook)
+    try:
+        z = _model_logits(module, data, batch_size, name)
+    finally:
+        handle.remove()
+    # The probe call in _model_logits also ran the hook: drop it.
+    feats = torch.cat(captured_in[1:]).to(torch.float64) if len(captured_in) > 1 else None
+    outs = torch.cat(captured_out[1:]).to(torch.float64) if len(captured_out) > 1 else None
+    cached = (feats is not None and feats.shape[0] == z.shape[0] and outs.shape == z.shape
+              and torch.allclose(outs, z, rtol=1e-5, atol=1e-6 * (1 + z.abs().max())))
+    return z, feats, bool(cached)
+
+
 def _tau_normalized_weight(weight: torch.Tensor, tau: float) -> torch.Tensor:
     norms = weight.norm(dim=1, keepdim=True)
     # A zero row stays zero instead of becoming NaN.
@@ -620,18 +646,7 @@ class TauNormalization(_PostHocBaseline):
         batch_size = _check_batch_size(self.batch_size)
         data = as_data(X_val, y_val, name="X_val", y_name="y_val")
 
-        captured_in: list[torch.Tensor] = []
-        captured_out: list[torch.Tensor] = []
-
-        def hook(_mod, inputs, output):
-            captured_in.append(inputs[0].detach().reshape(-1, lin.in_features).cpu())
-            captured_out.append(output.detach().reshape(-1, lin.out_features).cpu())
-
-        handle = lin.register_forward_hook(hook)
-        try:
-            z = _model_logits(module, data, batch_size, "X_val")
-        finally:
-            handle.remove()
+        z, feats, cached = _layer_inputs(module, lin, data, batch_size)
         y = data.labels()
         C = z.shape[1]
         check_label_range(y, C, "y_val")
@@ -639,11 +654,6 @@ class TauNormalization(_PostHocBaseline):
         if lin.out_features != C:
             raise ValueError(f"layer {name!r} has {lin.out_features} outputs but the model has "
                              f"{C}; pass layer= the final classification layer.")
-        # The probe call in _model_logits also ran the hook: drop it.
-        feats = torch.cat(captured_in[1:]).to(torch.float64) if len(captured_in) > 1 else None
-        outs = torch.cat(captured_out[1:]).to(torch.float64) if len(captured_out) > 1 else None
-        cached = (feats is not None and feats.shape[0] == z.shape[0]
-                  and torch.allclose(outs, z, rtol=1e-5, atol=1e-6 * (1 + z.abs().max())))
         W = lin.weight.detach().cpu().to(torch.float64)
         b = lin.bias.detach().cpu().to(torch.float64) if lin.bias is not None else None
         keep = bool(self.keep_bias) and b is not None
@@ -889,3 +899,269 @@ class ClassBiasTuning(_PostHocBaseline):
         LogitAdjustedModel
         """
         return self._offset_model(model, copy)
+
+
+# --------------------------------------------------------------------------- last layer
+
+
+class LastLayerRetraining(_PostHocBaseline):
+    """Refit the final linear layer on the validation data's penultimate features
+    (last-layer retraining, the "DFR" recipe of Kirichenko et al. 2022).
+
+    The network is frozen; only its final ``nn.Linear`` is replaced by a
+    class-balanced, L2-regularised multinomial logistic regression fitted on
+    the layer's inputs for the labelled validation data. The L2 strength is
+    chosen by stratified cross-validation on the validation data alone
+    (balanced accuracy). With ``train_data`` passed to :meth:`fit`, each fit
+    also sees a class-balanced resample of the training features and the
+    weights are averaged over ``n_resamples`` resamples (DFR's variant that
+    uses training data).
+
+    Parameters
+    ----------
+    layer : str, optional
+        Name (as in ``named_modules()``) of the layer to refit; default the
+        last ``nn.Linear``. Its output must be the model's output.
+    C : "auto" or float > 0, default="auto"
+        Inverse L2 strength (scikit-learn's convention); "auto" picks it from
+        ``Cs`` by cross-validation.
+    Cs : array-like, optional
+        The grid for "auto"; default ``logspace(-3, 1, 9)``.
+    cv : int, default=5
+        Stratified folds (fewer when a class has fewer validation samples).
+    standardize : bool, default=True
+        Fit on features standardised with the fitting data's mean and
+        standard deviation (as DFR does); the scaling is folded back into the
+        layer's weight and bias.
+    shrink_to : {"zero", "model"}, default="zero"
+        What the L2 penalty pulls the weights toward: zero (DFR, scikit-learn)
+        or the trained layer's weights, which keeps the trained head where
+        the validation data say little.
+    n_resamples : int, default=10
+        Class-balanced resamples of the training features (only with
+        ``train_data``).
+    train_per_class : int, optional
+        Training samples per class in each resample, drawn with replacement
+        when a class has fewer; default the largest validation class count.
+    max_iter : int, default=1000
+        L-BFGS iterations per fit.
+    batch_size : int, default=512
+    random_state : int or None, default=None
+        Seeds the folds and the resamples.
+
+    Attributes
+    ----------
+    C_ : float
+    Cs_, cv_scores_ : ndarray
+        The grid and its mean cross-validated balanced accuracy.
+    layer_ : str
+    coef_ : ndarray (K, d)
+    intercept_ : ndarray (K,)
+        The new layer's weight and bias (in the model's feature space).
+    in_features_, n_classes_ : int
+    per_class_accuracy_before_, per_class_accuracy_after_ : ndarray
+    balanced_accuracy_before_, balanced_accuracy_after_ : float
+        On the validation data (the "after" numbers are in-sample).
+
+    Examples
+    --------
+    >>> import torch
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(),
+    ...                             torch.nn.Linear(8, 2))
+    >>> X = torch.randn(60, 3); y = (X[:, 0] > 0).long()
+    >>> llr = LastLayerRetraining(random_state=0).fit(model, X, y)
+    >>> llr.transform(model)[2].weight.shape
+    torch.Size([2, 8])
+    >>> llr.balanced_accuracy_after_ > llr.balanced_accuracy_before_
+    True
+    """
+
+    _array_attrs = ("coef_", "intercept_", "Cs_", "cv_scores_", "per_class_accuracy_before_",
+                    "per_class_accuracy_after_")
+    _scalar_attrs = ("C_", "layer_", "in_features_", "n_classes_",
+                     "balanced_accuracy_before_", "balanced_accuracy_after_")
+
+    def __init__(self, layer: str | None = None, C: float | str = "auto", Cs: Any = None,
+                 cv: int = 5, standardize: bool = True, shrink_to: str = "zero",
+                 n_resamples: int = 10, train_per_class: int | None = None,
+                 max_iter: int = 1000, batch_size: int = 512,
+                 random_state: int | None = None) -> None:
+        self.layer = layer
+        self.C = C
+        self.Cs = Cs
+        self.cv = cv
+        self.standardize = standardize
+        self.shrink_to = shrink_to
+        self.n_resamples = n_resamples
+        self.train_per_class = train_per_class
+        self.max_iter = max_iter
+        self.batch_size = batch_size
+        self.random_state = random_state
+
+    def fit(self, model: Any, X_val: Any, y_val: Any = None,
+            train_data: Any = None) -> LastLayerRetraining:
+        """Refit the final layer on the validation data.
+
+        Parameters
+        ----------
+        model : nn.Module or skorch net
+            Not changed.
+        X_val, y_val
+            Labelled validation data (tensor, ndarray, Dataset or DataLoader).
+        train_data : (X, y) tuple, Dataset or DataLoader, optional
+            Training data whose class-balanced resamples join each fit.
+
+        Returns
+        -------
+        self
+        """
+        fixed, grid = self._check_params()
+        module = unwrap_model(model)
+        name, lin = _find_linear(module, self.layer)
+        if lin.bias is None:
+            raise ValueError(f"layer {name!r} has no bias; last-layer retraining fits one "
+                             "(give the layer a bias).")
+        batch_size = _check_batch_size(self.batch_size)
+        data = as_data(X_val, y_val, name="X_val", y_name="y_val")
+        z, feats, y = self._features(module, name, lin, data, batch_size, "X_val")
+        K = z.shape[1]
+        self._warn_absent_classes(torch.as_tensor(y), K, stacklevel=3)
+        extra = None
+        if train_data is not None:
+            tdata = as_data(train_data, name="train_data", y_name="train_data")
+            extra = self._features(module, name, lin, tdata, batch_size, "train_data")[1:]
+        rng = np.random.default_rng(self.random_state)
+        W0 = lin.weight.detach().cpu().to(torch.float64).numpy()
+        resamples = self._resamples(extra, y, K, rng)
+        self.Cs_ = np.array([fixed]) if fixed is not None else grid
+        self.cv_scores_ = self._cross_validate(feats, y, K, W0, resamples[:1], rng)
+        best = np.flatnonzero(self.cv_scores_ >= self.cv_scores_.max() - 1e-12)
+        # Ties go to the strongest penalty: the simplest head the data support.
+        self.C_ = float(self.Cs_[best[0]])
+        fits = [self._fit_head(feats, y, K, self.C_, W0, r) for r in resamples]
+        self.coef_ = np.mean([f[0] for f in fits], axis=0)
+        self.intercept_ = np.mean([f[1] for f in fits], axis=0)
+        self.layer_ = name
+        self.in_features_ = int(lin.in_features)
+        self.n_classes_ = int(K)
+        self.classes_ = np.arange(K)
+        z_after = torch.from_numpy(feats @ self.coef_.T + self.intercept_)
+        self._record_accuracies(z, z_after, torch.as_tensor(y), K)
+        return self
+
+    def _check_params(self) -> tuple[float | None, np.ndarray]:
+        fixed = None
+        if not (isinstance(self.C, str) and self.C == "auto"):
+            if isinstance(self.C, bool) or not isinstance(self.C, numbers.Real) \
+                    or not np.isfinite(self.C) or self.C <= 0:
+                raise ValueError(f"C must be 'auto' or a positive float; got {self.C!r}.")
+            fixed = float(self.C)
+        grid = (np.logspace(-3, 1, 9) if self.Cs is None
+                else _check_grid(self.Cs, "Cs", lower=0.0))
+        if np.any(grid <= 0):
+            raise ValueError("Cs must be positive.")
+        for key, low in (("cv", 2), ("n_resamples", 1), ("max_iter", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{key} must be an integer ≥ {low}; got {value!r}.")
+        if self.train_per_class is not None and (
+                isinstance(self.train_per_class, bool)
+                or not isinstance(self.train_per_class, numbers.Integral)
+                or self.train_per_class < 1):
+            raise ValueError("train_per_class must be a positive integer or None; got "
+                             f"{self.train_per_class!r}.")
+        if self.shrink_to not in ("zero", "model"):
+            raise ValueError(f"shrink_to must be 'zero' or 'model'; got {self.shrink_to!r}.")
+        if not isinstance(self.standardize, (bool, np.bool_)):
+            raise TypeError(f"standardize must be a bool; got {type(self.standardize).__name__}.")
+        return fixed, np.sort(grid)
+
+    @staticmethod
+    def _features(module, name, lin, data, batch_size, what):
+        z, feats, cached = _layer_inputs(module, lin, data, batch_size, what)
+        y = data.labels()
+        K = z.shape[1]
+        check_label_range(y, K, "y_val" if what == "X_val" else what)
+        if lin.out_features != K or not cached:
+            raise ValueError(f"layer {name!r} is not the model's output layer (its outputs are "
+                             "not the model's logits); pass layer= the final linear layer.")
+        return z, feats.numpy(), y.numpy()
+
+    def _resamples(self, extra, y_val, K, rng) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """Class-balanced draws of the training features (or one empty draw)."""
+        if extra is None:
+            return [None]
+        F, y = extra
+        per = (int(self.train_per_class) if self.train_per_class is not None
+               else int(np.bincount(y_val, minlength=K).max()))
+        draws = []
+        for _ in range(int(self.n_resamples)):
+            idx = np.concatenate([
+                rng.choice(members, size=per, replace=members.size < per)
+                for c in range(K) if (members := np.flatnonzero(y == c)).size])
+            draws.append((F[idx], y[idx]))
+        return draws
+
+    def _fit_head(self, feats, y, K, C, W0, extra):
+        """One class-balanced fit; returns the layer's (weight, bias) in the
+        model's own feature space."""
+        from ._logistic import balanced_sample_weight, fit_multinomial
+
+        if extra is not None:
+            feats = np.concatenate([feats, extra[0]])
+            y = np.concatenate([y, extra[1]])
+        mu = feats.mean(0) if self.standardize else np.zeros(feats.shape[1])
+        sd = feats.std(0) if self.standardize else np.ones(feats.shape[1])
+        sd = np.where(sd > 1e-12, sd, 1.0)
+        center = W0 * sd if self.shrink_to == "model" else None
+        W, b = fit_multinomial((feats - mu) / sd, y, K, C,
+                               sample_weight=balanced_sample_weight(y, K), center=center,
+                               max_iter=int(self.max_iter))
+        W = W / sd
+        return W, b - W @ mu
+
+    def _cross_validate(self, feats, y, K, W0, extra, rng) -> np.ndarray:
+        from sklearn.model_selection import StratifiedKFold
+
+        counts = np.bincount(y, minlength=K)
+        folds = int(min(self.cv, counts[counts > 0].min()))
+        if len(self.Cs_) == 1 or folds < 2:
+            return np.zeros(len(self.Cs_))
+        seed = int(rng.integers(2**31 - 1))
+        split = StratifiedKFold(folds, shuffle=True, random_state=seed).split(feats, y)
+        scores = np.zeros(len(self.Cs_))
+        for train, test in split:
+            for i, C in enumerate(self.Cs_):
+                W, b = self._fit_head(feats[train], y[train], K, C, W0, extra[0])
+                pred = np.argmax(feats[test] @ W.T + b, axis=1)
+                scores[i] += balanced_accuracy(per_class_accuracy(
+                    torch.as_tensor(y[test]), torch.as_tensor(pred), K)) / folds
+        return scores
+
+    def transform(self, model: Any, copy: bool = True) -> Any:
+        """Return ``model`` with its layer ``layer_`` replaced by the refitted head.
+
+        Parameters
+        ----------
+        model : nn.Module or skorch net
+            Must have a linear layer named ``layer_`` of the fitted shape.
+        copy : bool, default=True
+            Change a deep copy (True) or ``model`` in place (False).
+        """
+        check_is_fitted(self)
+        module = unwrap_model(model)
+        _, lin = _find_linear(module, self.layer_)
+        if lin.in_features != self.in_features_ or lin.out_features != self.n_classes_:
+            raise ValueError(
+                f"model.{self.layer_} is Linear({lin.in_features}, {lin.out_features}); the "
+                f"fitted layer is Linear({self.in_features_}, {self.n_classes_})."
+            )
+        target = _deepcopy(model) if copy else model
+        new = dict(unwrap_model(target).named_modules())[self.layer_]
+        with torch.no_grad():
+            new.weight.copy_(torch.as_tensor(self.coef_, dtype=new.weight.dtype))
+            if new.bias is not None:
+                new.bias.copy_(torch.as_tensor(self.intercept_, dtype=new.bias.dtype))
+        return target

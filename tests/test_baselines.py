@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from hessrebal._persistence import load_state, save_state
 from hessrebal.baselines import (
     ClassBiasTuning,
+    LastLayerRetraining,
     LogitAdjustedModel,
     LogitAdjustment,
     TauNormalization,
@@ -26,7 +27,7 @@ from hessrebal.datasets import load_long_tailed
 from hessrebal.metrics import balanced_accuracy, per_class_accuracy
 from hessrebal.models import make_model, train_model
 
-BASELINES = [LogitAdjustment, TauNormalization, ClassBiasTuning]
+BASELINES = [LogitAdjustment, TauNormalization, ClassBiasTuning, LastLayerRetraining]
 
 
 def _state(model):
@@ -317,9 +318,10 @@ def test_models_untouched_and_mode_kept(cls):
     est.score(model, X, y)
     assert _same_state(before, _state(model)) and model.training and model.bn.training
     assert out is not model
-    # copy=False: the wrappers still leave the model alone; τ-norm changes it in place.
+    # copy=False: the wrappers still leave the model alone; the layer rewrites
+    # (τ-norm, last-layer retraining) change it in place.
     out2 = est.transform(model, copy=False)
-    if cls is TauNormalization:
+    if cls in (TauNormalization, LastLayerRetraining):
         assert out2 is model
     else:
         assert out2.base is model and _same_state(before, _state(model))
@@ -439,6 +441,7 @@ def test_composition():
     (LogitAdjustment, {}),
     (TauNormalization, {"taus": [0.0, 0.5, 1.0], "keep_bias": True}),
     (ClassBiasTuning, {"max_iter": 5}),
+    (LastLayerRetraining, {"Cs": [0.1, 1.0], "random_state": 0}),
 ])
 def test_save_load_round_trip(tmp_path, cls, kwargs):
     model = _mlp(2)
