@@ -15,12 +15,15 @@ Header layout (all values are strings, as safetensors requires)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import struct
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -32,6 +35,139 @@ FORMAT_VERSION = 1
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 PathLike = str | os.PathLike
+
+
+def _default_mode() -> int:
+    """The permission bits a plain ``open(path, "w")`` would give a new file.
+
+    ``mkstemp`` makes its file 0600; without this a saved model would be
+    unreadable to the rest of a group that shares it. The umask is read from
+    /proc where it exists, because ``os.umask`` can only be read by setting it,
+    which races with other threads creating files.
+    """
+    mask = None
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    mask = int(line.split()[1], 8)
+    if mask is None:
+        mask = 0o022
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` that replaces it atomically on success.
+
+    The caller writes the whole file to the yielded path. When the block ends
+    without an exception, the file is flushed to disk (``fsync``) and moved
+    onto ``path`` with ``os.replace``, which is atomic on POSIX and Windows
+    when both are on one file system (hence the same directory). A reader, or
+    a process that dies at any moment, thus sees either the old file or the
+    complete new one, never a mix. On an exception (``KeyboardInterrupt``
+    included) the temporary file is removed and ``path`` is left as it was.
+    A process killed outright (SIGKILL, power loss) cannot clean up: it may
+    leave a ``.<name>.<random>.tmp`` file beside an intact ``path``.
+
+    This is the one implementation every file hessrebal writes goes through.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The destination. Its directory must exist.
+
+    Yields
+    ------
+    pathlib.Path
+        The temporary file (created empty, in ``path``'s directory).
+    """
+    path = Path(path)
+    directory = path.parent
+    if not directory.is_dir():
+        raise FileNotFoundError(f"The directory of {str(path)!r} does not exist.")
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a directory; expected a file path.")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        try:
+            mode = path.stat().st_mode & 0o7777  # overwriting keeps the old permissions
+        except FileNotFoundError:
+            mode = _default_mode()
+        os.chmod(tmp, mode)
+        # Flush the data before the rename: otherwise a crash right after it
+        # can leave the new name pointing at an empty file on some file systems.
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable. Not possible on Windows (a directory
+    # cannot be opened), where NTFS journals the rename anyway.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "w", encoding: str | None = "utf-8",
+                 newline: str | None = None) -> Iterator[IO[Any]]:
+    """``open(path, mode)`` that only replaces ``path`` once everything is written.
+
+    See :func:`atomic_path`. ``mode`` is ``"w"`` (text, ``encoding``) or
+    ``"wb"`` (bytes).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from hessrebal._persistence import atomic_write
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "out.txt"
+    >>> with atomic_write(target) as fh:
+    ...     _ = fh.write("done\\n")
+    >>> target.read_text()
+    'done\\n'
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb'; got {mode!r}.")
+    with atomic_path(path) as tmp:
+        if mode == "wb":
+            with open(tmp, "wb") as fh:
+                yield fh
+        else:
+            with open(tmp, "w", encoding=encoding, newline=newline) as fh:
+                yield fh
+
+
+def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_write(path, "w", encoding=encoding) as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def save_figure_atomic(fig: Any, path: PathLike, **savefig_kwargs: Any) -> Path:
+    """``fig.savefig(path, **savefig_kwargs)``, atomically (see :func:`atomic_path`).
+
+    The format comes from ``path``'s suffix, as in ``savefig``: the temporary
+    file's own name would not tell matplotlib what to write.
+    """
+    path = Path(path)
+    savefig_kwargs.setdefault("format", path.suffix.lstrip(".").lower() or None)
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, **savefig_kwargs)
+    return path
 
 
 def to_jsonable(value: Any) -> Any:
@@ -77,7 +213,9 @@ def save_state(
     Parameters
     ----------
     path : str or path-like
-        Destination file (overwritten). Its parent directory must exist.
+        Destination file, replaced atomically (:func:`atomic_path`): an
+        interrupted save leaves the previous file intact. Its parent
+        directory must exist.
     tensors : dict of str to Tensor
         Saved as contiguous CPU copies; the caller's tensors are not changed.
     meta : dict
@@ -115,7 +253,10 @@ def save_state(
         "torch_version": torch.__version__,
         "meta": json.dumps(to_jsonable(meta), allow_nan=False),
     }
-    save_file(clean, str(path), metadata=header)
+    # Into a temporary file first: an interrupted save must not destroy the
+    # file a previous save left at ``path``.
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=header)
     return path
 
 

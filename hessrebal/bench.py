@@ -337,10 +337,13 @@ def _git_commit() -> str | None:
 
 
 def _write_json(path: Path, result: dict[str, Any]) -> None:
+    from ._persistence import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    # Serialise first, then the shared atomic writer (unique temp name, fsync,
+    # os.replace, cleanup on error): a crash keeps the previous results file.
+    text = json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n"
+    write_text_atomic(path, text)
 
 
 # ----------------------------------------------------------------------------- one seed

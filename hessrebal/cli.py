@@ -293,6 +293,7 @@ def _spectrum(args: argparse.Namespace) -> int:
     model = model.to(device)
     X_t, y_t = torch.as_tensor(X), torch.as_tensor(y)
     from ._model import default_output_to_logits
+    from ._persistence import save_figure_atomic, write_text_atomic
     from .curvature import HessianOperator
     from .plotting import spectrum_summary
 
@@ -347,13 +348,13 @@ def _spectrum(args: argparse.Namespace) -> int:
                         density=summary["density"], n_spikes=s, n_classes=C,
                         ).plot(ax=axes, title=f"Hessian spectrum of {Path(args.model).name}")
         png = out / "spectrum.png"
-        fig.savefig(png, dpi=110, bbox_inches="tight")
+        save_figure_atomic(fig, png, dpi=110, bbox_inches="tight")
         record = {"model": str(args.model), "data": str(args.data), "kind": kind,
                   "n_parameters": op.shape[0], "n_classes": C, "n_samples": int(len(y)),
                   "curvature": args.curvature, "eigenvalues": lam.tolist(),
                   "residuals": res.tolist(), "converged": conv.tolist(), "n_spikes": s,
                   "n_matvec": summary["n_matvec"]}
-        (out / "spectrum.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+        write_text_atomic(out / "spectrum.json", json.dumps(record, indent=2))
         print(f"plot: {png}\nnumbers: {out / 'spectrum.json'}")
     return 0
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ._persistence import save_figure_atomic, write_text_atomic
 from .metrics import balanced_accuracy, class_std
 
 __all__ = ["FIGURES", "render_report", "write_figures", "write_report"]
@@ -32,7 +33,8 @@ def _figure(figsize: tuple[float, float]):
 
 
 def _save(fig: Any, path: Path) -> None:
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    # Atomic: a run stopped mid-write keeps the previous report's figure.
+    save_figure_atomic(fig, path, dpi=110, bbox_inches="tight")
 
 
 def write_figures(result: Any, output_dir: Path) -> dict[str, Path]:
@@ -232,5 +234,5 @@ def write_report(result: Any, output_dir: str | Path) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     write_figures(result, output_dir)
     path = output_dir / "report.md"
-    path.write_text(render_report(result), encoding="utf-8")
+    write_text_atomic(path, render_report(result))
     return path
