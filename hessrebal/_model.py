@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .parameters import ParameterSpace, unwrap_model
+from .parameters import LOW_PRECISION_DTYPES, ParameterSpace, compute_dtype, unwrap_model
 
 OutputToLogits = Callable[[Any], torch.Tensor]
 
@@ -56,12 +56,25 @@ def evaluation_mode(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 if it is float16/bfloat16 (a copy), else ``t`` itself."""
+    return t.to(compute_dtype(t.dtype)) if t.dtype in LOW_PRECISION_DTYPES else t
+
+
 class FunctionalModel:
     """``logits = f(theta, x)`` for the flat vector ``theta`` of selected parameters.
 
     Parameters outside the selection are used detached; buffers are private
     copies, so even a forward that writes to its buffers cannot change the
     user's model.
+
+    A model stored in float16 or bfloat16 is run in float32 for everything
+    that differentiates or perturbs (curvature, sensitivities): float32 copies
+    of its low-precision parameters and buffers stand in for them, and
+    ``theta`` is float32 (:attr:`dtype`). ``logits(..., native=True)`` runs
+    it as the user will, in its own dtype at ``theta`` rounded to it; the
+    accept/rollback evaluation and scores use that. The user's module is
+    never cast.
     """
 
     def __init__(
@@ -73,10 +86,17 @@ class FunctionalModel:
         self.module = unwrap_model(model)
         self.space = space
         self.output_to_logits = output_to_logits or default_output_to_logits
-        self._fixed = {
+        fixed = {
             name: p.detach() for name, p in self.module.named_parameters() if name not in space
         }
-        self._buffers = {name: b.detach().clone() for name, b in self.module.named_buffers()}
+        buffers = {name: b.detach().clone() for name, b in self.module.named_buffers()}
+        self._fixed = {name: _widened(t) for name, t in fixed.items()}
+        self._buffers = {name: _widened(t) for name, t in buffers.items()}
+        # The model as stored, for native evaluation; the same dicts when
+        # nothing had to be widened (float32/float64 models).
+        self.widened = space.compute_dtype != space.dtype or any(
+            t.dtype in LOW_PRECISION_DTYPES for t in (*fixed.values(), *buffers.values()))
+        self._native = (fixed, buffers) if self.widened else (self._fixed, self._buffers)
 
     @property
     def device(self) -> torch.device:
@@ -84,16 +104,34 @@ class FunctionalModel:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of ``theta`` and of the inputs: float32 for a
+        float16/bfloat16 model, else the parameters' dtype."""
+        return self.space.compute_dtype
+
+    @property
+    def native_dtype(self) -> torch.dtype:
+        """The selected parameters' dtype as stored in the model."""
         return self.space.dtype
 
     def initial_theta(self) -> torch.Tensor:
         """The model's current selected parameters, flattened (a copy)."""
         return self.space.gather(self.module)
 
-    def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        tensors = dict(self._fixed)
+    def logits(self, theta: torch.Tensor, x: torch.Tensor, native: bool = False) -> torch.Tensor:
+        """Logits at ``theta`` (in :attr:`dtype`).
+
+        ``native=True`` runs a float16/bfloat16 model in its own dtype, at
+        ``theta`` rounded to it, as ``transform`` will leave it; the logits
+        come back in :attr:`dtype`. Not differentiable in a useful way.
+        """
+        fixed, buffers = self._native if native else (self._fixed, self._buffers)
+        if native and self.widened:
+            theta = theta.to(self.native_dtype)
+            if x.is_floating_point():
+                x = x.to(self.native_dtype)
+        tensors = dict(fixed)
         tensors.update(self.space.unflatten(theta))
-        tensors.update(self._buffers)
+        tensors.update(buffers)
         with evaluation_mode(self.module):
             out = functional_call(self.module, tensors, (x,))
         logits = self.output_to_logits(out)
@@ -102,6 +140,8 @@ class FunctionalModel:
             raise ValueError(
                 f"The model's logits must have shape (n_samples, n_classes); got {shape}."
             )
+        if native and self.widened and logits.is_floating_point():
+            logits = logits.to(self.dtype)
         return logits
 
     def probe(self, x: torch.Tensor, name: str = "X") -> int:
@@ -136,11 +176,16 @@ def predict_logits(
     data,
     batch_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of all of ``data`` at ``theta`` (CPU tensors)."""
+    """Logits and labels of all of ``data`` at ``theta`` (CPU tensors).
+
+    The model runs natively (a float16/bfloat16 model in its own dtype, at
+    ``theta`` rounded to it): these logits decide accepted steps and scores,
+    so they must be the ones the changed model will produce.
+    """
     outs, ys = [], []
     with torch.no_grad():
         for x, y in data.chunks(batch_size, fmodel.device, fmodel.dtype):
-            outs.append(fmodel.logits(theta, x).cpu())
+            outs.append(fmodel.logits(theta, x, native=True).cpu())
             ys.append(y.cpu())
     return torch.cat(outs), torch.cat(ys)
 

@@ -261,7 +261,7 @@ class HessianOperator:
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         self.process_group = process_group
         self.theta = (self.fmodel.initial_theta() if theta is None
-                      else theta.detach().to(self.space.device, self.space.dtype).clone())
+                      else theta.detach().to(self.space.device, self.dtype).clone())
         if cache_bytes is not None and (isinstance(cache_bytes, bool) or int(cache_bytes) < 0):
             raise ValueError(f"cache_bytes must be a non-negative int; got {cache_bytes!r}.")
         self.cache_bytes = (default_cache_bytes(self.space.device)
@@ -284,7 +284,10 @@ class HessianOperator:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.space.dtype
+        """The dtype of vectors and products: float32 for a float16/bfloat16
+        model (see :class:`~hessrebal._model.FunctionalModel`), else the
+        parameters' dtype."""
+        return self.space.compute_dtype
 
     @property
     def device(self) -> torch.device:

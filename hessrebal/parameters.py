@@ -16,6 +16,17 @@ from torch import nn
 
 ParamSelection = None | str | Sequence[str] | Callable[[str, nn.Parameter], bool]
 
+#: Parameter dtypes that hessrebal does its arithmetic on in float32: their
+#: 8-bit (bfloat16) or 11-bit (float16) mantissas cannot resolve the small
+#: Hessian-vector products and step sizes, and NumPy has no bfloat16.
+LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype hessrebal computes in for parameters stored as ``dtype``:
+    float32 for :data:`LOW_PRECISION_DTYPES`, ``dtype`` itself otherwise."""
+    return torch.float32 if dtype in LOW_PRECISION_DTYPES else dtype
+
 
 def unwrap_model(model: Any, name: str = "model") -> nn.Module:
     """The ``nn.Module`` behind ``model`` (itself, or a skorch net's ``module_``)."""
@@ -55,7 +66,10 @@ class ParameterSpace:
     dim : int
         Total number of selected scalars ``D``.
     dtype, device
-        Shared by all selected parameters.
+        Shared by all selected parameters (``dtype`` as stored in the model).
+    compute_dtype : torch.dtype
+        The dtype flat vectors (θ, directions, the perturbation) have:
+        float32 for a float16 or bfloat16 selection, else ``dtype``.
     """
 
     def __init__(self, model: Any, params: ParamSelection = None) -> None:
@@ -82,6 +96,7 @@ class ParameterSpace:
         self.dim: int = sum(self.numels)
         self.dtype: torch.dtype = next(iter(dtypes))
         self.device: torch.device = next(iter(devices))
+        self.compute_dtype: torch.dtype = compute_dtype(self.dtype)
         self._index = set(self.names)
 
     def __contains__(self, name: object) -> bool:
@@ -119,9 +134,11 @@ class ParameterSpace:
         return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes)}
 
     def gather(self, model: Any) -> torch.Tensor:
-        """A detached flat copy of ``model``'s selected parameters."""
+        """A detached flat copy of ``model``'s selected parameters, in
+        :attr:`compute_dtype` (exact: float32 holds every float16/bfloat16 value)."""
         params = dict(unwrap_model(model).named_parameters())
-        return self.flatten({n: params[n].detach() for n in self.names}).clone()
+        flat = self.flatten({n: params[n].detach() for n in self.names})
+        return flat.to(self.compute_dtype, copy=True)
 
     def check_compatible(self, model: Any, name: str = "model") -> None:
         """Raise ValueError naming the first selected parameter that ``model``
@@ -144,6 +161,10 @@ class ParameterSpace:
         With ``copy=True`` (default) a deep copy is changed and returned and
         ``model`` is untouched; with ``copy=False`` ``model`` is changed in place.
         A skorch net is copied whole, so the result has the type that was given.
+        Each parameter keeps its dtype. A float16/bfloat16 parameter gets
+        ``θ₀ + delta`` summed in float32 and rounded once to its dtype, the
+        value the surgeon evaluated; adding a rounded ``delta`` in place would
+        round twice.
         """
         self.check_compatible(model)
         target = _deepcopy(model) if copy else model
@@ -151,7 +172,11 @@ class ParameterSpace:
         with torch.no_grad():
             for pname, d in self.unflatten(delta.detach()).items():
                 p = params[pname]
-                p.add_(d.to(device=p.device, dtype=p.dtype))
+                if p.dtype in LOW_PRECISION_DTYPES:
+                    wide = compute_dtype(p.dtype)
+                    p.copy_(p.to(wide) + d.to(device=p.device, dtype=wide))
+                else:
+                    p.add_(d.to(device=p.device, dtype=p.dtype))
         return target
 
     def metadata(self) -> dict[str, Any]:
