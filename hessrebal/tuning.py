@@ -9,10 +9,15 @@ on one machine, a PostgreSQL/MySQL URL across machines).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import queue
+import socket
+import threading
+import time
+import warnings
 from collections.abc import Callable, Mapping
 from numbers import Integral, Real
 from typing import Any
@@ -38,7 +43,8 @@ from .parameters import ParameterSpace, unwrap_model
 from .sensitivity import FiniteDifferenceSensitivity, SoftmaxSurrogateSensitivity
 from .surgeon import SpectralSurgeon, default_strategies
 
-__all__ = ["SCORINGS", "SpectralSurgeonSearch", "default_param_distributions", "surgery_score"]
+__all__ = ["SCORINGS", "SpectralSurgeonSearch", "default_param_distributions",
+           "fail_dead_trials", "surgery_score"]
 
 #: Names accepted by ``scoring``.
 SCORINGS = ("balanced_accuracy", "balanced_accuracy_minus_std", "worst_class")
@@ -48,6 +54,12 @@ _JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 
 #: Range of the default budget search, as factors of the reference budget.
 BUDGET_RANGE = (0.1, 10.0)
+
+#: User attributes the search writes on its trials (besides the scores).
+WORKER_ATTR = "hessrebal_worker"  # who runs the trial: host, boot, pid, process start
+HEARTBEAT_ATTR = "hessrebal_heartbeat"  # last sign of life (Unix time), with heartbeat_interval
+RETRY_OF_ATTR = "hessrebal_retry_of"  # the trial number a retried trial repeats
+RETRY_ATTR = "hessrebal_retry"  # 1 for the first retry of a trial, 2 for the second, ...
 
 
 def default_param_distributions(
@@ -216,6 +228,22 @@ class SpectralSurgeonSearch(BaseEstimator):
         model (a forward pass through ``torch.func.functional_call`` swaps
         the module's parameters, so threads cannot share one module). Use
         several processes with a shared ``storage`` to scale further.
+    retry_dead_trials : int, default=0
+        How many times the parameters of a trial whose worker died (killed,
+        out of memory, machine lost) are tried again. The dead trial is
+        marked ``FAIL`` either way (see Notes); with a positive value its
+        parameters are also enqueued, and the next trial of any worker runs
+        them. A trial whose fit raised is not retried: it would fail again.
+    heartbeat_interval : float or None, default=None
+        Seconds between a running trial's signs of life. ``None``: a trial
+        counts as dead only when its worker process is gone from this
+        machine. A number also lets workers on other machines be declared
+        dead when their trial has been silent for twice this long: a database
+        URL ``storage`` gets Optuna's own heartbeat (``RDBStorage`` with
+        ``heartbeat_interval``, rounded up to whole seconds), other storages
+        a thread that writes the trial's ``hessrebal_heartbeat`` user
+        attribute. Clocks of the machines must then agree to well within
+        the interval.
 
     Attributes
     ----------
@@ -253,6 +281,23 @@ class SpectralSurgeonSearch(BaseEstimator):
     Trials whose fit raises are recorded as failed and the search goes on;
     ``fit`` raises only when no trial of the study completed.
 
+    **Workers that die.** A worker killed in the middle of a trial cannot
+    finish it, and Optuna would leave it ``RUNNING`` for ever (the sampler
+    keeps treating it as pending). Every trial therefore records its worker
+    (host, boot, process id and start time) in ``user_attrs["hessrebal_worker"]``.
+    At the start of ``fit`` and of every trial, the search marks ``FAIL``
+    each running trial whose worker is known to be dead: a process of this
+    machine that no longer exists (or is a zombie, or whose process id now
+    belongs to a later process), a worker from an earlier boot of this
+    machine, or, with ``heartbeat_interval``, a trial of another machine
+    silent for more than twice its interval. Its ``user_attrs["error"]`` says why, and with
+    ``retry_dead_trials`` its parameters are enqueued once per death (the
+    retry carries ``hessrebal_retry_of`` and ``hessrebal_retry``). Other
+    workers go on unaffected, and a restarted worker joins the study where it
+    stands, running the enqueued retries first. The check needs no
+    configuration on one machine; for workers on several machines, give
+    ``heartbeat_interval``.
+
     Examples
     --------
     >>> import torch
@@ -288,6 +333,8 @@ class SpectralSurgeonSearch(BaseEstimator):
         random_state: int | None = None,
         timeout: float | None = None,
         n_jobs: int = 1,
+        retry_dead_trials: int = 0,
+        heartbeat_interval: float | None = None,
     ) -> None:
         self.surgeon = surgeon
         self.param_distributions = param_distributions
@@ -303,6 +350,8 @@ class SpectralSurgeonSearch(BaseEstimator):
         self.random_state = random_state
         self.timeout = timeout
         self.n_jobs = n_jobs
+        self.retry_dead_trials = retry_dead_trials
+        self.heartbeat_interval = heartbeat_interval
 
     # ------------------------------------------------------------------ fit
     def fit(self, model: Any, X_val: Any, y_val: Any = None,
@@ -342,10 +391,19 @@ class SpectralSurgeonSearch(BaseEstimator):
         self.param_distributions_ = space
         self._decoders = decoders
 
+        retries = int(self.retry_dead_trials)
+        storage = _resolve_storage(self.storage, self.heartbeat_interval, retries)
         study = optuna.create_study(
-            storage=_resolve_storage(self.storage), sampler=self._make_sampler(),
+            storage=storage, sampler=self._make_sampler(),
             study_name=self.study_name, direction="maximize",
             load_if_exists=self.load_if_exists)
+        # Optuna's own heartbeat (database storages) fails stale trials by
+        # itself; elsewhere this search writes its own.
+        native = getattr(study._storage, "get_heartbeat_interval", None)
+        own_heartbeat = self.heartbeat_interval is not None and not (
+            callable(native) and native() is not None)
+        # The start-up check: trials left RUNNING by workers that died.
+        fail_dead_trials(study, retries)
         parts = [(val.subset(f), val.subset(s)) for f, s in self.splits_]
         models = self._model_pool(model)
 
@@ -353,11 +411,17 @@ class SpectralSurgeonSearch(BaseEstimator):
 
         def objective(trial: optuna.Trial) -> float:
             own.append(trial.number)
+            info = _worker_info(self.heartbeat_interval if own_heartbeat else None)
+            trial.set_user_attr(WORKER_ATTR, info)
+            fail_dead_trials(study, retries)
             params = {name: _suggest(trial, name, dist) for name, dist in space.items()}
             trial_model = models.get()
+            beat = (_Heartbeat(study, trial._trial_id, float(self.heartbeat_interval))
+                    if own_heartbeat else contextlib.nullcontext())
             try:
-                return self._evaluate(trial, surgeon, trial_model, parts,
-                                      _decode(params, decoders), fit_params)
+                with beat:
+                    return self._evaluate(trial, surgeon, trial_model, parts,
+                                          _decode(params, decoders), fit_params)
             except Exception as exc:
                 trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
                 raise
@@ -428,6 +492,13 @@ class SpectralSurgeonSearch(BaseEstimator):
                             f"distributions; got {type(self.param_distributions).__name__}.")
         if self.study_name is not None and not isinstance(self.study_name, str):
             raise TypeError(f"study_name must be a str; got {type(self.study_name).__name__}.")
+        r = self.retry_dead_trials
+        if not isinstance(r, Integral) or isinstance(r, bool) or r < 0:
+            raise ValueError(f"retry_dead_trials must be a non-negative int; got {r!r}.")
+        h = self.heartbeat_interval
+        if h is not None and (not isinstance(h, Real) or isinstance(h, bool) or not h > 0
+                              or not math.isfinite(h)):
+            raise ValueError(f"heartbeat_interval must be a positive number or None; got {h!r}.")
 
     def _splits(self, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         n = labels.size
@@ -577,9 +648,25 @@ def _stratified_holdout(labels: np.ndarray, fraction: float,
     return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
-def _resolve_storage(storage: Any) -> Any:
+def _resolve_storage(storage: Any, heartbeat_interval: float | None = None,
+                     retries: int = 0) -> Any:
     if storage is None or isinstance(storage, optuna.storages.BaseStorage):
         return storage
+    if isinstance(storage, str) and "://" in storage and heartbeat_interval is not None:
+        # A database: Optuna's heartbeat, which fails stale trials at the
+        # start of every trial (its grace period: twice the interval).
+        def on_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            _retry(study, trial, retries)
+
+        from ._process_state import PROCESS_STATE_LOCK
+
+        # The heartbeat is an "experimental" argument to Optuna; that is its
+        # warning, not the user's concern. Warning filters are process-wide.
+        with PROCESS_STATE_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                storage, heartbeat_interval=max(1, math.ceil(heartbeat_interval)),
+                heartbeat_stale_trial_callback=on_stale)
     if isinstance(storage, os.PathLike) or (isinstance(storage, str) and "://" not in storage):
         path = os.fspath(storage)
         if not path.endswith(_JOURNAL_SUFFIXES):
@@ -665,3 +752,159 @@ def _suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
     if isinstance(dist, IntDistribution):
         return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
     return trial.suggest_categorical(name, dist.choices)
+
+
+# ------------------------------------------------------------ dead workers
+def _boot_id() -> str | None:
+    """This boot of this machine (Linux); process ids restart at each boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def _process_state(pid: int) -> tuple[str, int] | None:
+    """``(state letter, start time in clock ticks)`` of a process, from /proc
+    (Linux), or None where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            raw = fh.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split
+    # after its closing one. Field 3 is the state, field 22 the start time.
+    fields = raw[raw.rfind(")") + 2:].split()
+    try:
+        return fields[0], int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _worker_info(heartbeat_interval: float | None) -> dict[str, Any]:
+    state = _process_state(os.getpid())
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(),
+            "start": None if state is None else state[1],
+            "heartbeat_interval": heartbeat_interval}
+
+
+def _death_reason(trial: optuna.trial.FrozenTrial, now: float) -> str | None:
+    """Why ``trial``'s worker is known to be dead, or None if it may be alive."""
+    info = trial.user_attrs.get(WORKER_ATTR)
+    if not isinstance(info, dict):
+        return None  # not started by this search, or killed before it said who it is
+    who = f"worker {info.get('host')}:{info.get('pid')}"
+    if info.get("host") != socket.gethostname():
+        # Another machine: only a heartbeat can tell. (On this machine the
+        # process check below is exact, and a busy worker whose heartbeat
+        # thread was held up is not declared dead.)
+        interval = info.get("heartbeat_interval")
+        if not isinstance(interval, (int, float)) or not interval > 0:
+            return None
+        last = trial.user_attrs.get(HEARTBEAT_ATTR)
+        if not isinstance(last, (int, float)):
+            last = trial.datetime_start.timestamp() if trial.datetime_start else None
+        if last is not None and now - last > 2 * interval:
+            return f"{who} sent no heartbeat for {now - last:.0f} s (interval {interval:g} s)"
+        return None
+    boot = _boot_id()
+    if info.get("boot") is not None and boot is not None and info["boot"] != boot:
+        return f"{who} ran before this machine restarted"
+    pid = info.get("pid")
+    if not isinstance(pid, int):
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return f"{who} no longer exists"
+    except PermissionError:
+        pass  # exists, under another user
+    except OSError:
+        return None
+    state = _process_state(pid)
+    if state is not None:
+        if state[0] in ("Z", "X"):
+            return f"{who} has exited (zombie)"
+        if info.get("start") is not None and state[1] != info["start"]:
+            return f"{who} no longer exists (its process id was reused)"
+    return None
+
+
+def fail_dead_trials(study: optuna.Study, retries: int = 0) -> list[int]:
+    """Mark ``FAIL`` the running trials of ``study`` whose worker is dead.
+
+    Run by :class:`SpectralSurgeonSearch` at the start of ``fit`` and of each
+    trial (see its Notes for what counts as dead); public so that a study can
+    be cleaned up without running trials. With ``retries > 0`` the
+    parameters of each trial failed here are enqueued again, unless it is
+    already a ``retries``-th retry.
+
+    Parameters
+    ----------
+    study : optuna.Study
+    retries : int, default=0
+
+    Returns
+    -------
+    list of int
+        The numbers of the trials this call failed (a trial another worker
+        failed first is not counted, nor retried twice).
+    """
+    failed = []
+    now = time.time()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        reason = _death_reason(trial, now)
+        if reason is None:
+            continue
+        # The storage API, as Optuna's own fail_stale_trials uses it: tell()
+        # would refuse a trial this process did not ask for.
+        storage = study._storage
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "error", f"WorkerDied: {reason}")
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first (and retries it)
+        failed.append(trial.number)
+        _retry(study, storage.get_trial(trial._trial_id), retries)
+    return failed
+
+
+def _retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, retries: int) -> None:
+    """Enqueue ``trial``'s parameters again, at most ``retries`` times per original."""
+    done = trial.user_attrs.get(RETRY_ATTR, 0)
+    if retries <= 0 or not isinstance(done, int) or done >= retries or not trial.params:
+        return
+    original = trial.user_attrs.get(RETRY_OF_ATTR, trial.number)
+    study.enqueue_trial(dict(trial.params),
+                        user_attrs={RETRY_OF_ATTR: original, RETRY_ATTR: done + 1})
+
+
+class _Heartbeat:
+    """Writes the time into the trial's ``hessrebal_heartbeat`` user attribute
+    every ``interval`` seconds while the trial runs (a daemon thread)."""
+
+    def __init__(self, study: optuna.Study, trial_id: int, interval: float) -> None:
+        self.study, self.trial_id, self.interval = study, trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="hessrebal-heartbeat")
+
+    def _beat(self) -> None:
+        self.study._storage.set_trial_user_attr(self.trial_id, HEARTBEAT_ATTR, time.time())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._beat()
+            except Exception:
+                return  # the trial has finished (or the storage is gone): stop beating
+
+    def __enter__(self) -> _Heartbeat:
+        self._beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
