@@ -9,13 +9,15 @@ steps, the fine-tunes' learning rate) is tuned on the validation split only.
 Methods (``METHODS``):
 
 - ``baseline``: the trained model;
-- ``logit_adjustment``, ``tau_normalization``, ``class_bias``: the post-hoc
-  baselines of :mod:`hessrebal.baselines`;
+- ``logit_adjustment``, ``tau_normalization``, ``class_bias``,
+  ``last_layer_retraining``: the post-hoc baselines of
+  :mod:`hessrebal.baselines`;
 - ``spectral_surgery``: :class:`~hessrebal.SpectralSurgeon` with its
   defaults, the Hessian taken on (a sample of) the training data;
 - ``spectral_surgery+logit_adjustment``: logit adjustment tuned on the
   surgery's output; ``logit_adjustment+spectral_surgery``: the surgery run
-  on the logit-adjusted model;
+  on the logit-adjusted model; ``last_layer_retraining+spectral_surgery``:
+  the surgery run on the model with the refitted last layer;
 - ``focal_finetune``, ``class_balanced_finetune``: short fine-tunes of the
   checkpoint on the training data (not post-hoc), learning rate chosen on
   validation; ``class_balanced_finetune+spectral_surgery``: the surgery on
@@ -47,7 +49,12 @@ import numpy as np
 import torch
 
 from ._data import as_data
-from .baselines import ClassBiasTuning, LogitAdjustment, TauNormalization
+from .baselines import (
+    ClassBiasTuning,
+    LastLayerRetraining,
+    LogitAdjustment,
+    TauNormalization,
+)
 from .controls import BulkDirections, RandomDirections
 from .datasets import load_long_tailed
 from .metrics import summarize as summarize_logits
@@ -74,9 +81,11 @@ METHODS: tuple[str, ...] = (
     "logit_adjustment",
     "tau_normalization",
     "class_bias",
+    "last_layer_retraining",
     "spectral_surgery",
     "spectral_surgery+logit_adjustment",
     "logit_adjustment+spectral_surgery",
+    "last_layer_retraining+spectral_surgery",
     "focal_finetune",
     "class_balanced_finetune",
     "class_balanced_finetune+spectral_surgery",
@@ -282,6 +291,27 @@ def curvature_sample(splits: Any, n: int, seed: int, stratified: bool = False) -
     return torch.utils.data.Subset(X, idx.tolist())
 
 
+def validation_subset(splits: Any, n_per_class: int | None) -> tuple[Any, Any]:
+    """The first ``n_per_class`` validation samples of each class (all for None).
+
+    The validation split is already shuffled per class, so these are nested
+    random subsets: the 10 per class are among the 20, and the training and
+    test splits stay the same. Returns ``(X, y)`` tensors, or ``(Subset,
+    None)`` for Dataset splits.
+    """
+    X, y = splits.data("val")
+    if n_per_class is None:
+        return X, y
+    if isinstance(n_per_class, bool) or int(n_per_class) < 1:
+        raise ValueError(f"validation sizes must be positive integers; got {n_per_class!r}.")
+    labels = splits.labels("val").numpy()
+    idx = np.sort(np.concatenate([np.flatnonzero(labels == c)[:int(n_per_class)]
+                                  for c in range(splits.n_classes)]))
+    if y is not None:
+        return X[idx], y[idx]
+    return torch.utils.data.Subset(X, idx.tolist()), None
+
+
 def _surgery_details(s: SpectralSurgeon) -> dict[str, Any]:
     return {
         "n_components": int(s.n_components_),
@@ -355,15 +385,19 @@ class _SeedRun:
     compositions)."""
 
     def __init__(self, splits: Any, seed: int, settings: BenchSettings,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], val_per_class: int | None = None,
+                 baseline: tuple[Any, float, dict[str, Any]] | None = None) -> None:
         self.splits = splits
         self.seed = seed
         self.settings = settings
         self.log = log
         self.C = splits.n_classes
-        self.X_val, self.y_val = splits.data("val")
+        self.X_val, self.y_val = validation_subset(splits, val_per_class)
         self.curvature = curvature_sample(splits, settings.curvature_samples, seed, False)
         self.cache: dict[str, tuple[Any, float, dict[str, Any]]] = {}
+        if baseline is not None:
+            # One checkpoint per seed, shared by every validation size (paired).
+            self.cache["baseline"] = baseline
 
     # each producer returns (model, seconds, details)
     def get(self, method: str) -> tuple[Any, float, dict[str, Any]]:
@@ -415,6 +449,10 @@ class _SeedRun:
     def _class_bias(self):
         return self._posthoc(ClassBiasTuning(), self.get("baseline")[0], ("bias_", "n_iter_"))
 
+    def _last_layer_retraining(self):
+        return self._posthoc(LastLayerRetraining(random_state=self.seed),
+                             self.get("baseline")[0], ("C_",))
+
     def _spectral_surgery(self):
         return self._surgery_on(self.get("baseline")[0])
 
@@ -428,6 +466,11 @@ class _SeedRun:
         model, sec, det = self.get("logit_adjustment")
         out, sec2, det2 = self._surgery_on(model)
         return out, sec + sec2, {"logit_adjustment": det, **det2}
+
+    def _last_layer_retraining__spectral_surgery(self):
+        model, sec, det = self.get("last_layer_retraining")
+        out, sec2, det2 = self._surgery_on(model)
+        return out, sec + sec2, {"last_layer_retraining": det, **det2}
 
     def _finetune(self, fn: Callable[..., Any], **kwargs: Any):
         s = self.settings
@@ -483,6 +526,35 @@ def _public(details: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- runner
 
 
+def _run_method(run: _SeedRun, method: str, row: dict[str, Any], X_test: Any, y_test: Any,
+                cfg: BenchSettings, raise_errors: bool,
+                log: Callable[[str], None]) -> dict[str, Any]:
+    """One method on one seed's run, measured on the test split (a failure is a row)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, seconds, details = run.get(method)
+            metrics = evaluate_model(model, X_test, y_test, run.C, cfg.batch_size_eval)
+        row.update({k: metrics[k] for k in METRICS})
+        row.update(worst_class=metrics["worst_class"],
+                   per_class_accuracy=metrics["per_class_accuracy"],
+                   seconds=float(seconds), details=_public(details), error=None)
+        log(f"{row['dataset']} r={row['imbalance_ratio']:g} seed {row['seed']} "
+            f"val {row['val_per_class']} {method:<42} "
+            f"bal.acc {metrics['balanced_accuracy']:.4f} σ {metrics['class_std']:.4f} "
+            f"({seconds:.1f} s)")
+    except Exception as exc:  # noqa: BLE001 - one failing method must not end a long run
+        if raise_errors:
+            raise
+        row.update({k: None for k in METRICS})
+        row.update(worst_class=None, per_class_accuracy=None, seconds=None,
+                   details={"traceback": traceback.format_exc(limit=5)},
+                   error=f"{type(exc).__name__}: {exc}")
+        log(f"{row['dataset']} seed {row['seed']} val {row['val_per_class']} {method}: "
+            f"FAILED {row['error']}")
+    return row
+
+
 def run_benchmark(
     dataset: str,
     seeds: int | Sequence[int] = 5,
@@ -496,6 +568,7 @@ def run_benchmark(
     log: Callable[[str], None] | None = None,
     raise_errors: bool = False,
     dataset_kwargs: dict[str, Any] | None = None,
+    validation_sizes: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Run every method on every seed and measure on the held-out test split.
 
@@ -530,12 +603,19 @@ def run_benchmark(
     dataset_kwargs : dict, optional
         Extra keyword arguments for ``load_long_tailed`` (e.g.
         ``val_per_class``, ``image_size``, ``verify_checksums``).
+    validation_sizes : sequence of int, optional
+        Run every method with each of these numbers of validation samples
+        per class (nested subsets of the validation split, see
+        :func:`validation_subset`), all on the same trained checkpoint of
+        the seed. Default: the whole validation split.
 
     Returns
     -------
     dict
         ``{"rows": [...], "settings": {...}}``; each row has ``method``,
-        ``seed``, ``dataset``, ``imbalance_ratio``, ``post_hoc``, the
+        ``seed``, ``dataset``, ``model``, ``imbalance_ratio``,
+        ``val_per_class`` (the largest validation class count used),
+        ``post_hoc``, the
         held-out ``accuracy``, ``balanced_accuracy``, ``class_std``,
         ``worst_class_accuracy``, ``worst_class``, ``nll``,
         ``per_class_accuracy``, ``seconds``, ``details`` and ``error``.
@@ -586,6 +666,8 @@ def run_benchmark(
     result: dict[str, Any] = {"rows": [], "settings": {
         "dataset": dataset, "imbalance_ratio": imbalance_ratio, "seeds": seed_list,
         "methods": wanted, "quick": bool(quick), "root": None if root is None else str(root),
+        "validation_sizes": None if validation_sizes is None else [int(n) for n in
+                                                                   validation_sizes],
         "dataset_kwargs": dict(dataset_kwargs or {}),
         "bench": asdict(cfg), "split": "test (held out; all tuning on validation)",
         "hessrebal": _version(), "git_commit": _git_commit(),
@@ -598,36 +680,20 @@ def run_benchmark(
                                   root=root, **(dataset_kwargs or {}))
         if result["settings"]["imbalance_ratio"] is None:
             result["settings"]["imbalance_ratio"] = float(splits.imbalance_ratio)
-        run = _SeedRun(splits, seed, cfg, log)
         X_test, y_test = splits.data("test")
-        for method in wanted:
-            row: dict[str, Any] = {
-                "method": method, "seed": seed, "dataset": splits.name,
-                "imbalance_ratio": float(splits.imbalance_ratio),
-                "post_hoc": POST_HOC[method],
-            }
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    model, seconds, details = run.get(method)
-                    metrics = evaluate_model(model, X_test, y_test, splits.n_classes,
-                                       cfg.batch_size_eval)
-                row.update({k: metrics[k] for k in METRICS})
-                row.update(worst_class=metrics["worst_class"],
-                           per_class_accuracy=metrics["per_class_accuracy"],
-                           seconds=float(seconds), details=_public(details), error=None)
-                log(f"{splits.name} r={splits.imbalance_ratio:g} seed {seed} {method:<42} "
-                    f"bal.acc {metrics['balanced_accuracy']:.4f} σ {metrics['class_std']:.4f} "
-                    f"({seconds:.1f} s)")
-            except Exception as exc:  # noqa: BLE001 - one failing method must not end a long run
-                if raise_errors:
-                    raise
-                row.update({k: None for k in METRICS})
-                row.update(worst_class=None, per_class_accuracy=None, seconds=None,
-                           details={"traceback": traceback.format_exc(limit=5)},
-                           error=f"{type(exc).__name__}: {exc}")
-                log(f"{splits.name} seed {seed} {method}: FAILED {row['error']}")
-            result["rows"].append(row)
+        shared = None
+        for size in (validation_sizes or [None]):
+            run = _SeedRun(splits, seed, cfg, log, size, shared)
+            n_val = int(np.bincount(as_data(run.X_val, run.y_val).labels().numpy()).max())
+            for method in wanted:
+                row: dict[str, Any] = {
+                    "method": method, "seed": seed, "dataset": splits.name,
+                    "model": cfg.model, "imbalance_ratio": float(splits.imbalance_ratio),
+                    "val_per_class": n_val, "post_hoc": POST_HOC[method],
+                }
+                result["rows"].append(_run_method(run, method, row, X_test, y_test, cfg,
+                                                  raise_errors, log))
+            shared = run.cache.get("baseline")
         result["settings"]["class_counts_seed_" + str(seed)] = splits.class_counts.tolist()
         result["settings"]["seconds"] = time.time() - started
         if out_path is not None:
@@ -661,14 +727,16 @@ def summarize(results: dict[str, Any] | Sequence[dict[str, Any]]) -> list[dict[s
     Returns
     -------
     list of dict
-        One entry per group, in ``METHODS`` order within a group:
-        ``dataset``, ``imbalance_ratio``, ``method``, ``post_hoc``,
+        One entry per group (dataset, model, imbalance ratio, validation
+        size), in ``METHODS`` order within a group: ``dataset``, ``model``,
+        ``imbalance_ratio``, ``val_per_class``, ``method``, ``post_hoc``,
         ``n_seeds`` (rows without error), ``n_failed``, and for each of
         ``accuracy``, ``balanced_accuracy``, ``class_std``,
         ``worst_class_accuracy``, ``nll``, ``seconds`` and the paired
-        differences to the same seed's baseline ``delta_class_std`` and
-        ``delta_balanced_accuracy``: ``<name>_mean`` and ``<name>_std``
-        (sample standard deviation, ``ddof=1``; NaN for one seed).
+        differences to the same seed's baseline ``delta_class_std``,
+        ``delta_balanced_accuracy`` and ``delta_worst_class_accuracy``:
+        ``<name>_mean`` and ``<name>_std`` (sample standard deviation,
+        ``ddof=1``; NaN for one seed).
 
     Examples
     --------
@@ -682,31 +750,41 @@ def summarize(results: dict[str, Any] | Sequence[dict[str, Any]]) -> list[dict[s
     baseline: dict[tuple, dict[str, Any]] = {}
     for r in rows:
         if r.get("method") == "baseline" and not r.get("error"):
-            baseline[(r["dataset"], float(r["imbalance_ratio"]), r["seed"])] = r
+            baseline[_cell(r) + (r["seed"],)] = r
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], float(r["imbalance_ratio"]), r["method"]), []).append(r)
+        groups.setdefault(_cell(r) + (r["method"],), []).append(r)
     order = {m: i for i, m in enumerate(METHODS)}
     out = []
-    for (dataset, ratio, method) in sorted(groups, key=lambda g: (g[0], g[1],
-                                                                   order.get(g[2], 99), g[2])):
-        rs = groups[(dataset, ratio, method)]
+    for key in sorted(groups, key=lambda g: (g[0], str(g[1]), g[2], g[3] or 0,
+                                             order.get(g[4], 99), g[4])):
+        dataset, model, ratio, n_val, method = key
+        rs = groups[key]
         ok = [r for r in rs if not r.get("error")]
-        entry: dict[str, Any] = {"dataset": dataset, "imbalance_ratio": ratio, "method": method,
+        entry: dict[str, Any] = {"dataset": dataset, "model": model, "imbalance_ratio": ratio,
+                                 "val_per_class": n_val, "method": method,
                                  "post_hoc": POST_HOC.get(method), "n_seeds": len(ok),
                                  "n_failed": len(rs) - len(ok),
                                  "seeds": sorted(r["seed"] for r in ok)}
         for name in (*METRICS, "seconds"):
             entry[f"{name}_mean"], entry[f"{name}_std"] = _mean_std([r.get(name) for r in ok])
-        for name in ("class_std", "balanced_accuracy"):
+        for name in ("class_std", "balanced_accuracy", "worst_class_accuracy"):
             diffs = []
             for r in ok:
-                b = baseline.get((dataset, ratio, r["seed"]))
+                b = baseline.get(key[:4] + (r["seed"],))
                 if b is not None and r.get(name) is not None and b.get(name) is not None:
                     diffs.append(r[name] - b[name])
             entry[f"delta_{name}_mean"], entry[f"delta_{name}_std"] = _mean_std(diffs)
         out.append(entry)
     return out
+
+
+def _cell(row: dict[str, Any]) -> tuple:
+    """(dataset, model, imbalance ratio, validation size): rows older than the
+    model and validation-size fields have None there."""
+    n_val = row.get("val_per_class")
+    return (row["dataset"], row.get("model"), float(row["imbalance_ratio"]),
+            None if n_val is None else int(n_val))
 
 
 def _rows_of(results: Any) -> list[dict[str, Any]]:
@@ -741,9 +819,11 @@ _LABELS = {
     "logit_adjustment": "Logit adjustment",
     "tau_normalization": "τ-normalisation",
     "class_bias": "Class-bias tuning",
+    "last_layer_retraining": "Last-layer retraining",
     "spectral_surgery": "**Spectral Surgery**",
     "spectral_surgery+logit_adjustment": "Surgery → logit adjustment",
     "logit_adjustment+spectral_surgery": "Logit adjustment → surgery",
+    "last_layer_retraining+spectral_surgery": "Last-layer retraining → surgery",
     "focal_finetune": "Focal fine-tune (γ = 2)",
     "class_balanced_finetune": "Class-balanced fine-tune",
     "class_balanced_finetune+spectral_surgery": "Class-balanced fine-tune → surgery",
@@ -763,15 +843,18 @@ def format_table(summary: Sequence[dict[str, Any]], *, seconds: bool = True,
     """
     blocks: dict[tuple, list[dict[str, Any]]] = {}
     for e in summary:
-        blocks.setdefault((e["dataset"], e["imbalance_ratio"]), []).append(e)
+        blocks.setdefault((e["dataset"], e.get("model"), e["imbalance_ratio"],
+                           e.get("val_per_class")), []).append(e)
     parts = []
-    for (dataset, ratio), entries in blocks.items():
+    for (dataset, model, ratio, n_val), entries in blocks.items():
         n = sorted({e["n_seeds"] for e in entries})
         lines = []
         if title:
             seeds_txt = f"{n[0]} seeds" if len(n) == 1 else f"{n[0]}–{n[-1]} seeds"
-            lines.append(f"**{dataset}, imbalance ratio {ratio:g}** ({seeds_txt}, held-out "
-                         "test split, mean ± std)\n")
+            what = f"**{dataset}, imbalance ratio {ratio:g}"
+            what += "" if n_val is None else f", {n_val} validation images per class"
+            what += "" if model is None else f", {model.upper() if model == 'mlp' else model}"
+            lines.append(f"{what}** ({seeds_txt}, held-out test split, mean ± std)\n")
         header = ["Method", "Post-hoc", "Accuracy", "Balanced acc.", "σ", "Δσ", "Worst class",
                   "NLL"]
         if seconds:
@@ -828,6 +911,9 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="data directory (cifar10-lt, isic2019)")
     p.add_argument("--val-per-class", type=int, default=None,
                    help="validation images per class (digit sets, cifar10-lt)")
+    p.add_argument("--validation-sizes", type=int, nargs="+", default=None, metavar="N",
+                   help="run every method with N validation images per class for each N "
+                        "(nested subsets of the validation split, same checkpoint)")
     p.add_argument("--image-size", type=int, default=None,
                    help="isic2019: images resized to this square size (default 64)")
     p.add_argument("--model", default=None, help="mlp, cnn, resnet32 or resnet18_cifar")
@@ -835,6 +921,10 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="training epochs (default: a fixed number of steps)")
     p.add_argument("--device", default=None, help="e.g. cuda (default: CPU)")
     p.add_argument("--max-steps", type=int, default=None, help="surgeon max_steps")
+    p.add_argument("--refresh-spectrum", type=int, default=None,
+                   help="surgeon refresh_spectrum (default 1: every step)")
+    p.add_argument("--curvature-samples", type=int, default=None,
+                   help="training images the surgeon's Hessian is taken on (default 2048)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default 1 on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -853,11 +943,13 @@ def _command_line(args: argparse.Namespace, dataset: str, seeds: Any) -> str:
     if args.quick:
         parts.append("--quick")
     for flag in ("imbalance_ratio", "root", "val_per_class", "image_size", "model", "epochs",
-                 "device", "max_steps", "threads"):
+                 "device", "max_steps", "threads", "curvature_samples", "refresh_spectrum"):
         value = getattr(args, flag)
         if value is not None:
             parts += ["--" + flag.replace("_", "-"), f"{value:g}" if isinstance(value, float)
                       else str(value)]
+    if args.validation_sizes:
+        parts += ["--validation-sizes", *map(str, args.validation_sizes)]
     if args.methods:
         parts += ["--methods", *args.methods]
     return " ".join(parts)
@@ -885,8 +977,14 @@ def _bench_command(args: argparse.Namespace) -> int:
         overrides["epochs"] = args.epochs
     if args.device is not None:
         overrides["device"] = args.device
-    if args.max_steps is not None:
-        overrides["surgeon"] = {"max_steps": args.max_steps}
+    surgeon = {key: getattr(args, key) for key in ("max_steps", "refresh_spectrum")
+               if getattr(args, key) is not None}
+    if surgeon:
+        overrides["surgeon"] = surgeon
+    if args.curvature_samples is not None:
+        overrides["curvature_samples"] = args.curvature_samples
+    if args.model is not None and args.model.lower() != "mlp":
+        overrides["hidden"] = ()
     dataset_kwargs: dict[str, Any] = {}
     if args.val_per_class is not None:
         dataset_kwargs["val_per_class"] = args.val_per_class
@@ -896,7 +994,8 @@ def _bench_command(args: argparse.Namespace) -> int:
     result = run_benchmark(dataset, seeds, imbalance_ratio=args.imbalance_ratio,
                            methods=args.methods, root=args.root, quick=args.quick,
                            settings=overrides or None, output=args.output, log=log,
-                           dataset_kwargs=dataset_kwargs or None)
+                           dataset_kwargs=dataset_kwargs or None,
+                           validation_sizes=args.validation_sizes)
     result["settings"]["command"] = _command_line(args, dataset, seeds)
     _write_json(Path(args.output), result)
     print(format_table(summarize(result)))
