@@ -408,10 +408,11 @@ class HessianOperator:
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.process_group is None:
             return t
-        import torch.distributed as dist
+        from ._distributed import all_reduce
 
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group)
-        return t
+        # Watched for failure notices of other ranks inside a fit (see
+        # hessrebal._distributed); a plain blocking all-reduce otherwise.
+        return all_reduce(t, self.process_group)
 
     def _product_fn(self, i: int, x: torch.Tensor, y: torch.Tensor):
         """The chunk's product ``v ↦ Σ_chunk ∇²ℓ · v``, from the cache when kept."""

@@ -19,6 +19,7 @@ from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
 from ._data import DEFAULT_BATCH_SIZE, LabelledData, as_data, check_label_range
+from ._distributed import rank_failures
 from ._model import FunctionalModel, OutputToLogits, check_finite_parameters, predict_logits
 from ._persistence import load_state, save_state
 from ._process_state import PROCESS_STATE_LOCK
@@ -400,7 +401,10 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         """
         previous = _fitted_attributes(self)
         try:
-            return self._fit(model, X_val, y_val, curvature_data, process_group)
+            # Under torch.distributed, a rank that raises makes the others
+            # raise RankFailedError instead of waiting in a collective.
+            with rank_failures(process_group):
+                return self._fit(model, X_val, y_val, curvature_data, process_group)
         except BaseException:
             for key in _fitted_attributes(self):
                 delattr(self, key)

@@ -227,8 +227,10 @@ def broadcast_seed(seed: int, group: Any, device: torch.device) -> int:
     backend communicates, the GPU for NCCL)."""
     import torch.distributed as dist
 
+    from .._distributed import broadcast
+
     t = torch.tensor([seed], dtype=torch.int64, device=device)
-    dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
+    broadcast(t, dist.get_global_rank(group, 0), group)  # watched inside a fit
     return int(t.item())
 
 
