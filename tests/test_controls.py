@@ -8,7 +8,7 @@ from hessrebal import SpectralSurgeon
 from hessrebal.controls import BulkDirections, RandomDirections
 from hessrebal.spectrum import DenseSpectrum, LanczosSpectrum, MatrixOperator
 from tests._reference import dense_hessian
-from tests.conftest import tanh_mlp
+from tests.conftest import PAPER_RULES, tanh_mlp
 
 SPIKES = [100.0, 50.0, 30.0, 20.0]
 
@@ -145,7 +145,7 @@ def test_surgeon_with_bulk_control_moves_off_the_dense_spikes():
     surgeon = SpectralSurgeon(
         spectrum=BulkDirections(spectrum=DenseSpectrum()), refresh_spectrum=0, budget=0.5,
         max_steps=4, max_std_increase=1.0, max_class_drop=1.0, strong_threshold=1.0,
-        random_state=0).fit(model, X, y)
+        random_state=0, **PAPER_RULES).fit(model, X, y)
     H = dense_hessian(model, X, y)
     evals, evecs = torch.linalg.eigh(H)
     top = evecs[:, -3:]  # n_exclude = k + 1 = 3 for C = 3 classes

@@ -11,7 +11,7 @@ from hessrebal import SpectralSurgeon
 from hessrebal.amplitude import AdamSNR
 from hessrebal.sensitivity import FiniteDifferenceSensitivity
 from hessrebal.solvers import ProjectedGradientSolver
-from tests.conftest import tiny_cnn, trained_blobs_mlp
+from tests.conftest import PAPER_RULES, tiny_cnn, trained_blobs_mlp
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -76,7 +76,8 @@ def test_cnn_with_batchnorm_and_dropout_in_train_mode_is_deterministic():
     model = tiny_cnn()  # train mode: dropout would randomise any forward run in it
     X, y = torch.randn(30, 1, 5, 5, dtype=torch.float64), torch.arange(30) % 3
     a, b = two_fits(lambda: SpectralSurgeon(max_steps=2, budget=0.05, max_class_drop=1.0,
-                                            max_std_increase=1.0, random_state=0), model, X, y)
+                                            max_std_increase=1.0, random_state=0,
+                                            **PAPER_RULES), model, X, y)
     assert any(h["accepted"] for h in a.history_)
     assert_bitwise_equal(a, b)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
@@ -13,6 +12,7 @@ from hessrebal._logistic import balanced_sample_weight, fit_multinomial
 from hessrebal.baselines import LastLayerRetraining
 from hessrebal.datasets import load_long_tailed
 from hessrebal.models import make_model, train_model
+from tests.conftest import assert_unchanged, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,7 +12,13 @@ from hessrebal import SpectralSurgeon
 from hessrebal.curvature import HessianOperator
 from hessrebal.metrics import per_class_accuracy
 from hessrebal.sensitivity import FiniteDifferenceSensitivity
-from tests.conftest import assert_unchanged, snapshot, tiny_cnn, trained_blobs_mlp
+from tests.conftest import (
+    PAPER_RULES,
+    assert_unchanged,
+    snapshot,
+    tiny_cnn,
+    trained_blobs_mlp,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -29,7 +35,8 @@ def problem():
 
 
 def fit(model, X, y, **kw):
-    kw = {"max_steps": 4, "random_state": 0, **kw}
+    # The paper's rule, so that steps are accepted and the rounding is exercised.
+    kw = {"max_steps": 4, "random_state": 0, **PAPER_RULES, **kw}
     return SpectralSurgeon(**kw).fit(model, X, y)
 
 

@@ -228,6 +228,38 @@ def test_total_class_drop_cap_bounds_every_accepted_state(problem):
         SpectralSurgeon(max_total_class_drop=-1).fit(model, Xv, yv)
 
 
+def test_balanced_accuracy_guard_never_lets_an_accepted_step_lower_it(problem):
+    model, _, (Xv, yv), _ = problem
+    paper = dict(acceptance="tolerance", max_total_class_drop=None, max_class_drop=0.3)
+    free = SpectralSurgeon(max_steps=8, random_state=0, max_balanced_accuracy_drop=None,
+                           **paper).fit(model, Xv, yv)
+    guarded = SpectralSurgeon(max_steps=8, random_state=0, **paper).fit(model, Xv, yv)
+    assert guarded.max_balanced_accuracy_drop == 0.0  # the default
+    trace = [h["balanced_accuracy"] for h in guarded.history_]
+    assert all(b >= a - 1e-12 for a, b in zip(trace, trace[1:]))
+    # without the guard some accepted step trades balanced accuracy for σ here
+    free_trace = [h["balanced_accuracy"] for h in free.history_]
+    assert any(b < a - 1e-12 for a, b in zip(free_trace, free_trace[1:]))
+    assert any(h["reason"].startswith("balanced accuracy fell") for h in guarded.history_)
+    with pytest.raises(ValueError, match="max_balanced_accuracy_drop"):
+        SpectralSurgeon(max_balanced_accuracy_drop=-0.1).fit(model, Xv, yv)
+
+
+def test_paper_faithful_settings_are_one_call_away(problem):
+    model, _, (Xv, yv), _ = problem
+    s = SpectralSurgeon.paper_faithful(max_steps=2, random_state=0)
+    assert isinstance(s.sensitivity, FiniteDifferenceSensitivity)
+    assert isinstance(s.amplitude, GammaDecay) and s.amplitude.gamma == 0.7
+    assert (s.weight_power, s.acceptance, s.max_total_class_drop,
+            s.max_balanced_accuracy_drop) == ("auto", "tolerance", None, None)
+    default = SpectralSurgeon()
+    assert (default.acceptance, default.max_total_class_drop,
+            default.max_balanced_accuracy_drop) == ("noise_aware", 0.1, 0.0)
+    # It is a plain estimator: clonable, and it fits.
+    assert clone(s).get_params()["weight_power"] == "auto"
+    assert len(s.fit(model, Xv, yv).history_) == 2
+
+
 class _SameSpanRefresh(DenseSpectrum):
     """At a refresh, the previous spikes rotated within their span, with other
     eigenvalues: what a refresh that only re-diagonalises the old span returns."""

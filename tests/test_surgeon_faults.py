@@ -18,7 +18,14 @@ from hessrebal.metrics import class_std, per_class_accuracy
 from hessrebal.sensitivity import SoftmaxSurrogateSensitivity
 from hessrebal.solvers import CvxpyQPSolver, SolverWarning
 from hessrebal.surgeon import shrink_accuracy
-from tests.conftest import TinyCNN, assert_unchanged, snapshot, tanh_mlp, train_full_batch
+from tests.conftest import (
+    PAPER_RULES,
+    TinyCNN,
+    assert_unchanged,
+    snapshot,
+    tanh_mlp,
+    train_full_batch,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -58,7 +65,7 @@ def cnn_data(n=36):
 def fit_kwargs():
     # Loose rollback rules: steps are accepted, so the spectrum is refreshed too.
     return dict(max_steps=3, budget=0.05, max_class_drop=1.0, max_std_increase=1.0,
-                random_state=0)
+                random_state=0, **PAPER_RULES)
 
 
 def check_intact(model, snap, surgeon, previous=None):
@@ -405,7 +412,8 @@ def test_noise_aware_acceptance_does_not_let_one_flip_of_a_tiny_class_veto():
     new_c[200] = False
     new = _state(y, new_c)
     assert old["acc"][2] - new["acc"][2] == 0.5
-    kw = dict(max_std_increase=1.0, max_class_drop=0.07)
+    kw = dict(max_std_increase=1.0, max_class_drop=0.07, max_total_class_drop=None,
+              max_balanced_accuracy_drop=None)
     start = old["acc"]
     accepted, reason, _ = SpectralSurgeon(acceptance="tolerance", **kw)._decide(old, new, start)
     assert not accepted and reason.startswith("a class dropped by 0.5")
