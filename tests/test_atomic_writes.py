@@ -244,6 +244,7 @@ def test_save_killed_mid_write_keeps_the_previous_file(tmp_path, two_surgeons):
         if child.poll() is None:
             child.kill()
             child.wait()
+        child.stdout.close()
     assert child.returncode == -signal.SIGKILL, "the save finished before it could be killed"
     assert path.read_bytes() == before
     loaded = SpectralSurgeon.load(path)
