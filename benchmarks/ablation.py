@@ -10,7 +10,8 @@ validation split) and is measured on the balanced test split. Variants:
 - ``v0.1``: the 0.1.0 defaults (margin surrogate, p = 1, per-step guards only);
 - ``+cap``: v0.1 with the total class-drop cap ``max_total_class_drop=0.1``;
 - ``+cap+ba``: and the balanced-accuracy guard ``max_balanced_accuracy_drop=0``;
-- ``default``: and noise-aware acceptance (today's defaults);
+- ``+noise-aware``: and noise-aware acceptance;
+- ``default``: and the imbalance test before the loop (today's defaults);
 - ``cap=0.05`` / ``cap=0.15`` / ``no cap``: the default with another total cap
   (the trade-off between gain and the largest class loss);
 - ``(a) balanced H``: the default with its Hessian on a class-balanced resample
@@ -53,12 +54,14 @@ from hessrebal.bench import default_settings, evaluate_model, validation_subset
 from hessrebal.datasets import load_long_tailed
 
 SIZES = {"digits-lt": (20, 40), "mnist-lt": (20, 50)}
-PAPER = dict(acceptance="tolerance", max_total_class_drop=None, max_balanced_accuracy_drop=None)
+PAPER = dict(acceptance="tolerance", max_total_class_drop=None, max_balanced_accuracy_drop=None,
+             imbalance_alpha=None)
 SURGERY = {
     "paper": None,
     "v0.1": PAPER,
     "+cap": {**PAPER, "max_total_class_drop": 0.1},
     "+cap+ba": {**PAPER, "max_total_class_drop": 0.1, "max_balanced_accuracy_drop": 0.0},
+    "+noise-aware": {"imbalance_alpha": None},
     "default": {},
     "cap=0.05": {"max_total_class_drop": 0.05},
     "cap=0.15": {"max_total_class_drop": 0.15},

@@ -35,6 +35,38 @@ def balanced_accuracy(per_class: np.ndarray) -> float:
     return float(np.nanmean(per_class))
 
 
+def imbalance_pvalue(y_true: Any, correct: Any, n_classes: int) -> float:
+    """p-value of the χ² test that every class has the same accuracy.
+
+    The test of homogeneity of the ``C × 2`` table (class × right/wrong):
+    a large p-value says the per-class accuracies differ no more than the
+    sampling noise of this many samples explains. Classes with no sample are
+    left out; with fewer than two classes, or no error (or no correct
+    prediction) at all, there is nothing to test and the p-value is 1.
+
+    Examples
+    --------
+    >>> y = np.repeat([0, 1], 50)
+    >>> balanced = np.r_[np.arange(50) < 45, np.arange(50) < 44]
+    >>> imbalance_pvalue(y, balanced, 2) > 0.5  # 45 vs 44 of 50 right
+    True
+    >>> imbalance_pvalue(y, np.r_[np.arange(50) < 48, np.arange(50) < 20], 2) < 1e-6
+    True
+    """
+    from scipy.stats import chi2_contingency
+
+    y = np.asarray(y_true, dtype=np.int64).ravel()
+    ok = np.asarray(correct, dtype=bool).ravel()
+    if ok.size != y.size:
+        raise ValueError(f"correct must have one entry per sample ({y.size}); got {ok.size}.")
+    right = np.bincount(y, weights=ok, minlength=n_classes)[:n_classes]
+    total = np.bincount(y, minlength=n_classes)[:n_classes]
+    table = np.stack([right, total - right], axis=1)[total > 0]
+    if table.shape[0] < 2 or np.any(table.sum(axis=0) == 0):
+        return 1.0
+    return float(chi2_contingency(table, correction=False)[1])
+
+
 def class_std(per_class: np.ndarray) -> float:
     """Population standard deviation of per-class accuracy (σ in the paper)."""
     return float(np.nanstd(per_class))

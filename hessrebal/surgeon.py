@@ -25,7 +25,7 @@ from ._persistence import load_state, save_state
 from ._process_state import PROCESS_STATE_LOCK
 from .amplitude import AdamSNR, GammaDecay, GrowShrink
 from .curvature import HessianOperator
-from .metrics import balanced_accuracy, class_std, per_class_accuracy
+from .metrics import balanced_accuracy, class_std, imbalance_pvalue, per_class_accuracy
 from .parameters import ParameterSpace, ParamSelection, unwrap_model
 from .sensitivity import FiniteDifferenceSensitivity, SoftmaxSurrogateSensitivity
 from .solvers import CoefficientProblem, CvxpyQPSolver, ProjectedGradientSolver, SolverWarning
@@ -179,6 +179,14 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         A candidate whose balanced accuracy falls by more than this (against
         the current accepted state) is rolled back, so a step cannot buy a
         lower σ with a lower mean (*ours*; None keeps the paper's rule).
+    imbalance_alpha : float in (0, 1) or None, default=0.05
+        Before the loop, test whether the per-class accuracies on the
+        selection data differ by more than their sampling noise
+        (:func:`~hessrebal.metrics.imbalance_pvalue`, a χ² test of
+        homogeneity); when the p-value exceeds ``imbalance_alpha`` there is
+        no evidence of an imbalance to fix, the surgeon warns and takes no
+        step (``perturbation_`` is zero). This is what keeps a balanced
+        model intact (*ours*; None always runs the loop, as the paper does).
     refresh_spectrum : int, default=1
         Recompute the spectrum every this many steps (the paper: every step);
         0 computes it once. A refresh starts from the previous spikes. The
@@ -245,6 +253,9 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
     per_class_accuracy_before_, per_class_accuracy_after_ : ndarray (C,)
         On the selection data (the validation data unless
         ``selection_fraction`` is set).
+    imbalance_pvalue_ : float
+        The p-value of the imbalance test on the selection data (see
+        ``imbalance_alpha``).
     n_hvp_ : int
         Hessian-vector products over the whole fit.
     parameter_names_ : list of str
@@ -293,6 +304,7 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         max_class_drop: float = 0.07,
         max_total_class_drop: float | None = 0.1,
         max_balanced_accuracy_drop: float | None = 0.0,
+        imbalance_alpha: float | None = 0.05,
         refresh_spectrum: int = 1,
         selection_fraction: float | None = None,
         acceptance: str = "noise_aware",
@@ -322,6 +334,7 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         self.max_class_drop = max_class_drop
         self.max_total_class_drop = max_total_class_drop
         self.max_balanced_accuracy_drop = max_balanced_accuracy_drop
+        self.imbalance_alpha = imbalance_alpha
         self.refresh_spectrum = refresh_spectrum
         self.selection_fraction = selection_fraction
         self.acceptance = acceptance
@@ -340,7 +353,7 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         """The paper's settings: finite-difference accuracy sensitivity, the
         paper's weight-power rule, γ-decay with γ = 0.7 and the per-step guards
         only (no total class-drop cap, no balanced-accuracy guard, the
-        tolerance rule).
+        tolerance rule, no test for an imbalance before the loop).
 
         The defaults differ from these where held-out measurements said so
         (docs/method.md, "Defaults and the paper"). ``overrides`` are any
@@ -355,7 +368,7 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         settings: dict[str, Any] = {
             "sensitivity": FiniteDifferenceSensitivity(), "amplitude": GammaDecay(gamma=0.7),
             "weight_power": "auto", "acceptance": "tolerance", "max_total_class_drop": None,
-            "max_balanced_accuracy_drop": None,
+            "max_balanced_accuracy_drop": None, "imbalance_alpha": None,
         }
         settings.update(overrides)
         return cls(**settings)
@@ -483,7 +496,7 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         self.sensitivity_ = None
         stale = False
 
-        steps = range(self.max_steps)
+        steps = range(self._n_steps(sel_state, n_classes))
         if self.progress:
             from tqdm.auto import tqdm
 
@@ -799,6 +812,11 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
             non_negative("max_total_class_drop", self.max_total_class_drop)
         if self.max_balanced_accuracy_drop is not None:
             non_negative("max_balanced_accuracy_drop", self.max_balanced_accuracy_drop)
+        alpha = self.imbalance_alpha
+        if alpha is not None and not (isinstance(alpha, Real) and not isinstance(alpha, bool)
+                                      and 0 < alpha < 1):
+            raise ValueError("imbalance_alpha must be a float in (0, 1) or None; got "
+                             f"{self.imbalance_alpha!r}.")
         for name in ("max_std_increase", "max_class_drop", "preserve_tolerance",
                      "curvature_penalty", "class_shrinkage"):
             non_negative(name, getattr(self, name))
@@ -941,6 +959,19 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
                     f"n_components={k} exceeds the number of selected parameters ({dim}).")
         return max(1, min(k, dim))
 
+    def _n_steps(self, sel_state: dict[str, Any], n_classes: int) -> int:
+        """``max_steps``, or 0 when the selection data show no imbalance."""
+        self.imbalance_pvalue_ = imbalance_pvalue(sel_state["y"], sel_state["correct"],
+                                                  n_classes)
+        if self.imbalance_alpha is None or self.imbalance_pvalue_ <= self.imbalance_alpha:
+            return self.max_steps
+        warnings.warn(
+            "The per-class accuracies differ no more than their sampling noise (χ² test, "
+            f"p = {self.imbalance_pvalue_:.3f} > imbalance_alpha={self.imbalance_alpha}): no "
+            "step was taken. Pass imbalance_alpha=None to run the surgery anyway.",
+            UserWarning, stacklevel=4)
+        return 0
+
     def _weight_power(self, accuracy: np.ndarray) -> float:
         if self.weight_power == "auto":
             return _weight_power_rule(accuracy)
@@ -967,13 +998,14 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
                 return (False, f"balanced accuracy fell by {fall:.4f}",
                         -max(drop, fall, 0.0))
         vetoes = drops > self.max_class_drop
-        if self.acceptance == "noise_aware":
+        noisy = self.acceptance == "noise_aware"
+        if noisy:
             # A drop vetoes only beyond its own standard error: one flipped
             # sample of a two-sample class is noise, not a lost class.
             vetoes &= drops > _class_change_standard_error(old, new)
         if vetoes.any():
             return False, f"a class dropped by {float(drops[vetoes].max()):.4f}", -max(drop, 0.0)
-        if self.acceptance == "noise_aware":
+        if noisy:
             se = _std_change_standard_error(old, new)
             if -rise <= se:
                 return False, f"sigma change {-rise:.4f} within noise ({se:.4f})", -max(drop, 0.0)

@@ -25,7 +25,7 @@ def one_torch_thread():
 #: The paper's accept/rollback rule (per-step guards only). Tests about the
 #: loop's mechanics use it with loose guards so that steps are accepted.
 PAPER_RULES = dict(acceptance="tolerance", max_total_class_drop=None,
-                   max_balanced_accuracy_drop=None)
+                   max_balanced_accuracy_drop=None, imbalance_alpha=None)
 
 
 def train_full_batch(model, X, y, lr, n_steps):

@@ -296,3 +296,49 @@ def test_refreshes_follow_accepted_steps_and_a_same_span_refresh_changes_nothing
     assert _SameSpanRefresh.calls.count("refresh") == sum(accepted[:-1]) >= 1
     assert accepted == [h["accepted"] for h in kept.history_]
     torch.testing.assert_close(rotated.perturbation_, kept.perturbation_, rtol=1e-5, atol=1e-7)
+
+
+def test_imbalance_pvalue_is_the_chi_square_test_of_homogeneity():
+    from scipy.stats import chi2
+
+    from hessrebal.metrics import imbalance_pvalue
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 300)
+    correct = rng.random(300) < np.array([0.9, 0.8, 0.6, 0.95])[y]
+    right = np.bincount(y, weights=correct, minlength=4)
+    n = np.bincount(y, minlength=4)
+    observed = np.stack([right, n - right], 1)
+    expected = n[:, None] * observed.sum(0)[None, :] / n.sum()
+    stat = float(((observed - expected) ** 2 / expected).sum())
+    assert imbalance_pvalue(y, correct, 4) == pytest.approx(chi2.sf(stat, 3), rel=1e-10)
+    # an absent class is left out; no error at all leaves nothing to test
+    assert imbalance_pvalue(y, correct, 6) == pytest.approx(chi2.sf(stat, 3), rel=1e-10)
+    assert imbalance_pvalue(y, np.ones(300, bool), 4) == 1.0
+
+
+def test_no_step_without_evidence_of_an_imbalance():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).to(torch.float64)
+    y = torch.arange(300) % 3
+    X = torch.randn(300, 4, dtype=torch.float64) + 2.0 * nn.functional.one_hot(y, 4).double()
+    train_full_batch(model, X, y, 0.05, 100)  # balanced data: all classes alike
+    Xv = torch.randn(90, 4, dtype=torch.float64) + 2.0 * nn.functional.one_hot(
+        torch.arange(90) % 3, 4).double()
+    yv = torch.arange(90) % 3
+    with pytest.warns(UserWarning, match="sampling noise"):
+        s = SpectralSurgeon(max_steps=4, random_state=0).fit(model, Xv, yv)
+    assert s.imbalance_pvalue_ > 0.05 and s.history_ == []
+    assert float(s.perturbation_.abs().max()) == 0.0
+    # imbalance_alpha=None runs the loop as the paper does
+    s = SpectralSurgeon(max_steps=4, random_state=0, imbalance_alpha=None).fit(model, Xv, yv)
+    assert len(s.history_) == 4
+    for bad in (0, 1.5, "0.05", True):
+        with pytest.raises(ValueError, match="imbalance_alpha"):
+            SpectralSurgeon(imbalance_alpha=bad).fit(model, Xv, yv)
+
+
+def test_an_imbalanced_model_passes_the_test(problem):
+    model, _, (Xv, yv), _ = problem
+    s = SpectralSurgeon(max_steps=2, random_state=0).fit(model, Xv, yv)
+    assert s.imbalance_pvalue_ < 0.05 and len(s.history_) == 2
