@@ -22,7 +22,8 @@ FIGURES = {
 }
 
 _METHODS = (("before", "before"), ("after", "spectral surgery"),
-            ("logit_adjustment", "logit adjustment"))
+            ("logit_adjustment", "logit adjustment"),
+            ("last_layer_retraining", "last-layer retraining"))
 
 
 def _figure(figsize: tuple[float, float]):
@@ -56,7 +57,8 @@ def write_figures(result: Any, output_dir: Path) -> dict[str, Path]:
     fig = _figure((max(6.5, 0.91 * C), 4.6))
     PerClassAccuracyDisplay(
         result.before["per_class_accuracy"], result.after["per_class_accuracy"],
-        baselines={"logit adjustment": result.logit_adjustment["per_class_accuracy"]},
+        baselines={"logit adjustment": result.logit_adjustment["per_class_accuracy"],
+                   "last-layer retraining": result.last_layer_retraining["per_class_accuracy"]},
         class_counts=result.class_counts, class_names=result.classes,
     ).plot(ax=fig.subplots(), title="Per-class accuracy on the held-out test split")
     _save(fig, paths["per_class"])
@@ -156,9 +158,10 @@ def render_report(result: Any) -> str:
         b = res["before"]["per_class_accuracy"][c]
         a = res["after"]["per_class_accuracy"][c]
         la = res["logit_adjustment"]["per_class_accuracy"][c]
-        rows.append([classes[c], int(counts[c]), b, a, f"{a - b:+.3f}", la])
+        llr = res["last_layer_retraining"]["per_class_accuracy"][c]
+        rows.append([classes[c], int(counts[c]), b, a, f"{a - b:+.3f}", la, llr])
     out.append(_table(["class", "n_train", "before", "spectral surgery", "change",
-                       "logit adjustment"], rows) + "\n")
+                       "logit adjustment", "last-layer retraining"], rows) + "\n")
 
     out.append("## The surgery\n")
     accepted = sum(bool(h["accepted"]) for h in s.history_)

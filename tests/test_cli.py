@@ -116,10 +116,10 @@ def test_report_numbers_match_the_result(tmp_path):
 
     result = run_demo("digits-lt", epochs=2, surgeon=SpectralSurgeon(max_steps=1,
                                                                      random_state=0))
-    assert result.spectrum is None and set(result.timings) == {"train", "surgery",
-                                                               "logit_adjustment"}
+    assert result.spectrum is None and set(result.timings) == {
+        "train", "surgery", "logit_adjustment", "last_layer_retraining"}
     text = render_report(result)
-    for key in ("before", "after", "logit_adjustment"):
+    for key in ("before", "after", "logit_adjustment", "last_layer_retraining"):
         m = getattr(result, key)
         assert f"{m['balanced_accuracy']:.3f}" in text
         assert f"{m['class_std']:.3f}" in text
