@@ -17,16 +17,33 @@ from torch.utils.data import DataLoader, Dataset, Subset
 DEFAULT_BATCH_SIZE = 512
 
 
+def _refuse_strings(a: np.ndarray, name: str) -> None:
+    # torch's own message ("can't convert np.ndarray of type numpy.str_")
+    # names neither the argument nor the fix.
+    if a.dtype.kind in "USO" and a.size and isinstance(a.flat[0], (str, bytes)):
+        first = a.flat[0]
+        raise ValueError(
+            f"{name} holds strings (e.g. {first!r}); hessrebal needs integer class indices "
+            f"0..C-1 in the order of the model's outputs. Encode them, e.g. with "
+            f"sklearn.preprocessing.LabelEncoder fitted on the training labels.")
+
+
 def _to_tensor(a: Any, name: str) -> torch.Tensor:
     if isinstance(a, torch.Tensor):
         return a
     if isinstance(a, np.ndarray):
+        _refuse_strings(a, name)
         if a.dtype == object:
             raise TypeError(f"{name} has dtype object; pass a numeric array or tensor.")
         return torch.from_numpy(np.ascontiguousarray(a))
     if isinstance(a, (list, tuple)):
         try:
-            return torch.as_tensor(np.asarray(a))
+            arr = np.asarray(a)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name} could not be converted to a tensor: {exc}") from exc
+        _refuse_strings(arr, name)
+        try:
+            return torch.as_tensor(arr)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name} could not be converted to a tensor: {exc}") from exc
     raise TypeError(

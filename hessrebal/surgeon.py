@@ -24,6 +24,7 @@ from ._model import FunctionalModel, OutputToLogits, check_finite_parameters, pr
 from ._persistence import load_state, save_state
 from ._process_state import PROCESS_STATE_LOCK
 from .amplitude import AdamSNR, GammaDecay, GrowShrink
+from .controls import BulkDirections, RandomDirections
 from .curvature import HessianOperator
 from .metrics import balanced_accuracy, class_std, imbalance_pvalue, per_class_accuracy
 from .parameters import ParameterSpace, ParamSelection, unwrap_model
@@ -41,7 +42,7 @@ _STRATEGY_METHODS = {"spectrum": ("compute",), "sensitivity": ("estimate",),
 _STRATEGY_CLASSES = {cls.__name__: cls for cls in (
     LanczosSpectrum, PowerIterationSpectrum, DenseSpectrum, SoftmaxSurrogateSensitivity,
     FiniteDifferenceSensitivity, CvxpyQPSolver, ProjectedGradientSolver, GammaDecay, AdamSNR,
-    GrowShrink)}
+    GrowShrink, RandomDirections, BulkDirections)}
 _FORMAT_VERSION = 1
 #: Below this many validation samples a class gets a warning about its noise.
 FEW_SAMPLES = 10
@@ -373,6 +374,37 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         settings.update(overrides)
         return cls(**settings)
 
+    def set_params(self, **params: Any) -> SpectralSurgeon:
+        """Set parameters, as scikit-learn's ``set_params``.
+
+        A nested name on a strategy left at ``None`` (``amplitude__gamma``)
+        first puts that strategy's default instance in place
+        (``default_strategies()``, e.g. ``GammaDecay(gamma=0.7)``) and then
+        sets the parameter on it, as :class:`~hessrebal.tuning.SpectralSurgeonSearch`
+        does; ``GridSearchCV`` can therefore tune ``amplitude__gamma`` on a
+        default surgeon.
+
+        Raises
+        ------
+        ValueError
+            For an unknown name, or a nested name whose strategy is set to
+            ``None`` in the same call.
+        """
+        defaults: dict[str, Any] | None = None
+        for key in params:
+            prefix, sep, _ = key.partition("__")
+            if not sep or prefix not in _STRATEGY_METHODS:
+                continue
+            if prefix in params:
+                if params[prefix] is None:
+                    raise ValueError(f"set_params got {prefix}=None together with {key!r}; "
+                                     f"pass {prefix}=<strategy> to set its parameters.")
+                continue  # the strategy given in the same call receives the name
+            if getattr(self, prefix, None) is None:
+                defaults = defaults if defaults is not None else default_strategies()
+                setattr(self, prefix, defaults[prefix])
+        return super().set_params(**params)
+
     # ------------------------------------------------------------------ fit
     def fit(self, model: Any, X_val: Any, y_val: Any = None, curvature_data: Any = None,
             process_group: Any = None) -> SpectralSurgeon:
@@ -587,10 +619,11 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         self.n_classes_ = n_classes
         self.parameter_names_ = list(space.names)
         self.parameter_shapes_ = [tuple(s) for s in space.shapes]
+        self.weights_fingerprint_ = _weights_fingerprint(module, self.parameter_names_)
         return self
 
     # ------------------------------------------------------------ transform
-    def transform(self, model: Any, copy: bool = True) -> Any:
+    def transform(self, model: Any, copy: bool = True, check_weights: str = "warn") -> Any:
         """Return ``model`` with ``θ₀ + perturbation_`` in the selected parameters.
 
         Parameters
@@ -599,6 +632,12 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
             A model with the fitted parameter names and shapes.
         copy : bool, default=True
             ``False`` changes ``model`` in place (on request only).
+        check_weights : {"warn", "raise", "ignore"}, default="warn"
+            What to do when ``model``'s selected weights are not bitwise the
+            ones ``fit`` saw (``weights_fingerprint_``, a SHA-256 of θ₀): the
+            perturbation was computed for those weights, and names and shapes
+            alone do not tell another trained model of the same architecture
+            apart. A surgeon saved before fingerprints existed skips the check.
 
         Returns
         -------
@@ -610,10 +649,12 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
             Before :meth:`fit` (or :meth:`load`).
         ValueError
             When ``model`` lacks a fitted parameter or holds it with another
-            shape (the first mismatch is named).
+            shape (the first mismatch is named); with ``check_weights="raise"``,
+            when its weights differ from the fitted ones.
         """
         check_is_fitted(self, "perturbation_")
         space = self._fitted_space(model)
+        self._check_weights(model, check_weights)
         return space.apply(model, self.perturbation_, copy=copy)
 
     def fit_transform(self, model: Any, X_val: Any, y_val: Any = None,
@@ -625,6 +666,7 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         """Balanced accuracy of ``transform(model)`` on ``(X, y)``."""
         check_is_fitted(self, "perturbation_")
         space = self._fitted_space(model)
+        self._check_weights(model, "warn")
         fmodel = FunctionalModel(model, space, self.output_to_logits)
         data = as_data(X, y)
         theta = fmodel.initial_theta() + self.perturbation_.to(fmodel.device, fmodel.dtype)
@@ -767,6 +809,24 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
             raise ValueError(f"eigenvectors_ must have {dim} rows")
 
     # ------------------------------------------------------------- helpers
+    def _check_weights(self, model: Any, check_weights: str) -> None:
+        if check_weights not in ("warn", "raise", "ignore"):
+            raise ValueError("check_weights must be 'warn', 'raise' or 'ignore'; got "
+                             f"{check_weights!r}.")
+        expected = getattr(self, "weights_fingerprint_", None)
+        if check_weights == "ignore" or expected is None:
+            return
+        got = _weights_fingerprint(unwrap_model(model), self.parameter_names_)
+        if got == expected:
+            return
+        message = ("the model's weights differ from those the surgeon was fitted on (θ₀ "
+                   "fingerprint mismatch): the perturbation was computed for the fitted "
+                   "weights and may not help, or may harm, these. Pass "
+                   "check_weights='ignore' if this is intended.")
+        if check_weights == "raise":
+            raise ValueError(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
     def _fitted_space(self, model: Any) -> ParameterSpace:
         params = dict(unwrap_model(model).named_parameters())
         for name, fitted in zip(self.parameter_names_, self.parameter_shapes_):
@@ -900,6 +960,7 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         labels = data.labels()
         check_label_range(labels, n_classes, y_name)
         if validation:
+            self._warn_probabilities(fmodel, first[0])
             counts = np.bincount(labels.numpy(), minlength=n_classes)
             absent = np.flatnonzero(counts == 0)
             if absent.size:
@@ -915,6 +976,21 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
                     "acceptance='noise_aware' also discounts their noise in the rollback rule.",
                     UserWarning, stacklevel=4)
         return n_classes
+
+    def _warn_probabilities(self, fmodel: FunctionalModel, x: torch.Tensor) -> None:
+        # The same test LogitAdjustment uses; the surgery's cross-entropy
+        # Hessian and its margin surrogate both read the outputs as logits.
+        from .baselines import _looks_like_probabilities
+
+        with torch.no_grad():
+            z = fmodel.logits(fmodel.initial_theta(), x).detach().float().cpu()
+        if _looks_like_probabilities(z):
+            warnings.warn(
+                "SpectralSurgeon: the model's outputs are probabilities (non-negative rows "
+                "summing to 1), but the surgery reads them as logits (its loss is "
+                "cross-entropy of their softmax). Remove the final softmax, or pass "
+                "output_to_logits=lambda p: torch.log(p.clamp_min(1e-12)).",
+                UserWarning, stacklevel=5)
 
     def _split_selection(self, val: LabelledData, n_classes: int, process_group: Any,
                          device: torch.device):
@@ -1173,6 +1249,17 @@ _TAG = "__hessrebal__"
 def _digest(t: torch.Tensor) -> str:
     raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     return hashlib.sha256(raw).hexdigest()
+
+
+def _weights_fingerprint(module: torch.nn.Module, names: list[str]) -> str:
+    """SHA-256 of the named parameters' values, dtypes and shapes, wherever they live."""
+    params = dict(module.named_parameters())
+    h = hashlib.sha256()
+    for name in names:
+        t = params[name].detach()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _check_attribute_name(cls: type, key: Any) -> None:
