@@ -31,7 +31,12 @@ from .parameters import ParameterSpace, ParamSelection, unwrap_model
 from .sensitivity import FiniteDifferenceSensitivity, SoftmaxSurrogateSensitivity
 from .solvers import CoefficientProblem, CvxpyQPSolver, ProjectedGradientSolver, SolverWarning
 from .spectrum import DenseSpectrum, LanczosSpectrum, PowerIterationSpectrum, count_spikes
-from .spectrum.base import broadcast_seed
+from .spectrum.base import (
+    ConvergenceWarning,
+    broadcast_seed,
+    collect_convergence_notes,
+    convergence_summary,
+)
 
 _OBJECTIVES = ("weighted", "maxmin")
 _BUDGET_SHAPES = ("l2", "box")
@@ -489,17 +494,25 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         sens_counts = np.bincount(sens_data.labels().numpy(), minlength=n_classes)[:n_classes]
         self.n_hvp_ = 0
 
+        # Unconverged eigenpairs are reported once per fit, not at every refresh.
+        convergence_notes: list[dict[str, Any]] = []
+        n_spectra = 0
+
         def spectrum_at(point: torch.Tensor, init: torch.Tensor | None, k: int):
+            nonlocal n_spectra
             op = HessianOperator(module, curv, params=self.params, curvature=self.curvature,
                                  batch_size=self.batch_size,
                                  output_to_logits=self.output_to_logits,
                                  process_group=process_group, theta=point)
-            if self.progress:
-                with _ProgressOperator(op, "spectrum" if init is None else "spectrum refresh") \
-                        as shown:
-                    spec = _compute_spectrum(spectrum_backend, shown, k, init)
-            else:
-                spec = _compute_spectrum(spectrum_backend, op, k, init)
+            with collect_convergence_notes() as notes:
+                if self.progress:
+                    with _ProgressOperator(op, "spectrum" if init is None
+                                           else "spectrum refresh") as shown:
+                        spec = _compute_spectrum(spectrum_backend, shown, k, init)
+                else:
+                    spec = _compute_spectrum(spectrum_backend, op, k, init)
+            convergence_notes.extend(notes)
+            n_spectra += 1
             self.n_hvp_ += op.n_matvec
             return spec
 
@@ -610,6 +623,9 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
             if self.progress:
                 steps.set_postfix(sigma=f"{entry['class_std']:.4f}", budget=f"{budget:.3g}")
 
+        summary = convergence_summary(convergence_notes, n_spectra)
+        if summary is not None:
+            warnings.warn(summary, ConvergenceWarning, stacklevel=3)
         self.history_ = history
         self.perturbation_ = (theta - theta0).detach()
         self.coef_ = _to_numpy(self.eigenvectors_.T @ self.perturbation_)

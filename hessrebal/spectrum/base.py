@@ -10,7 +10,10 @@ shape ``(D,)``: a :class:`hessrebal.curvature.HessianOperator`, a
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -256,11 +259,49 @@ def relative(res: np.ndarray, scale: float) -> np.ndarray:
     return res / scale
 
 
+# Per thread, so that parallel fits (SpectralSurgeonSearch(n_jobs>1)) neither
+# share notes nor need the process-wide warnings machinery.
+_COLLECTING = threading.local()
+
+
+@contextlib.contextmanager
+def collect_convergence_notes() -> Iterator[list[dict[str, Any]]]:
+    """Within the block, :func:`warn_not_converged` records a note (a dict)
+    in the yielded list instead of warning; :func:`convergence_summary` turns
+    the notes into one message. The surgeon uses it to warn once per fit,
+    not at every spectrum refresh."""
+    notes: list[dict[str, Any]] = []
+    previous = getattr(_COLLECTING, "notes", None)
+    _COLLECTING.notes = notes
+    try:
+        yield notes
+    finally:
+        _COLLECTING.notes = previous
+
+
+def convergence_summary(notes: list[dict[str, Any]], n_calls: int) -> str | None:
+    """One message for the notes of ``n_calls`` spectrum computations (None if none)."""
+    if not notes:
+        return None
+    first = notes[0]
+    worst = max(n["max_residual"] for n in notes)
+    most = max(n["n_bad"] for n in notes)
+    return (f"{first['backend']}: eigenpairs did not converge in {len(notes)} of {n_calls} "
+            f"spectrum computations of this fit (up to {most} of {first['n_pairs']} pairs; "
+            f"relative residuals up to {worst:.2e} > tol={first['tol']:g}). {first['hint']}")
+
+
 def warn_not_converged(backend: str, converged: np.ndarray, residuals: np.ndarray,
                        tol: float, hint: str) -> None:
     if np.all(converged):
         return
     bad = np.flatnonzero(~converged)
+    notes = getattr(_COLLECTING, "notes", None)
+    if notes is not None:
+        notes.append({"backend": backend, "n_bad": int(bad.size), "n_pairs": int(converged.size),
+                      "max_residual": float(np.max(residuals[bad])), "tol": float(tol),
+                      "hint": hint})
+        return
     warnings.warn(
         f"{backend}: {bad.size} of {converged.size} eigenpairs did not converge "
         f"(relative residuals up to {float(np.max(residuals[bad])):.2e} > tol={tol:g}; "
