@@ -1,4 +1,5 @@
-"""Command line: ``hessrebal demo``, ``hessrebal bench``, ``hessrebal spectrum``."""
+"""Command line: ``hessrebal demo``, ``hessrebal fit``, ``hessrebal spectrum``,
+``hessrebal bench``."""
 
 from __future__ import annotations
 
@@ -20,9 +21,38 @@ def _check_output_dir(path: str | None) -> Path | None:
     return out
 
 
+#: ``--threads`` when not given, on the CPU (see docs/performance.md, "Threads").
+DEFAULT_CPU_THREADS = 1
+
+THREADS_HELP = ("torch threads (torch.set_num_threads); default 1 on the CPU: the models "
+                "hessrebal runs on a CPU gain little from more, and on a shared machine "
+                "more threads than free cores stall (docs/performance.md)")
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """The ``--threads`` option shared by ``demo``, ``spectrum`` and ``fit``."""
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
+
+
+def set_threads(threads: int | None, device: Any = None) -> int:
+    """Apply ``--threads``: ``threads``, or :data:`DEFAULT_CPU_THREADS` when it is
+    None and the work runs on the CPU (a GPU run keeps torch's default).
+    Returns the thread count in force."""
+    import torch
+
+    if threads is not None:
+        if isinstance(threads, bool) or threads < 1:
+            raise ValueError(f"--threads must be a positive integer; got {threads}.")
+        torch.set_num_threads(int(threads))
+    elif device is None or str(device).startswith("cpu"):
+        torch.set_num_threads(DEFAULT_CPU_THREADS)
+    return torch.get_num_threads()
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import format_table, run_demo
 
+    set_threads(args.threads)
     out = _check_output_dir(args.output_dir)
     surgeon = None
     if args.max_steps is not None:
@@ -273,6 +303,7 @@ def _spectrum(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    set_threads(args.threads, args.device)
     out = _check_output_dir(args.output_dir)
     for name in ("n_components", "max_samples", "batch_size", "n_probes", "n_steps"):
         value = getattr(args, name)
@@ -390,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="amplitude steps of the surgery (default: SpectralSurgeon's, 10)")
     demo.add_argument("--seed", type=int, default=0,
                       help="seeds the split, the training and the surgery (default 0)")
+    add_threads_option(demo)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
@@ -436,10 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Lanczos steps per density probe (default 40)")
     spec.add_argument("--device", default="cpu", help="torch device (default cpu)")
     spec.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_threads_option(spec)
     spec.add_argument("--quiet", action="store_true", help="no progress bar")
     spec.set_defaults(func=_spectrum)
+    from ._fit_command import add_fit_parser
     from .bench import add_bench_parser
 
+    add_fit_parser(sub)
     add_bench_parser(sub)
     return parser
 

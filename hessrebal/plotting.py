@@ -842,9 +842,10 @@ class HistoryDisplay:
     """The amplitude-control loop step by step.
 
     Top panel: the budget ``α_max`` used at each step. Bottom panel: σ and
-    the balanced accuracy after each decision (step 0 is the model before
-    the surgery), and σ of every candidate; accepted steps are green dots,
-    rolled-back steps red crosses.
+    the balanced accuracy after each decision, and σ of every candidate;
+    accepted steps are green dots, rolled-back steps red crosses. Steps are
+    numbered from 0, as ``history_["step"]`` and the report's step table;
+    the model before the surgery sits left of step 0, labelled "before".
 
     Parameters
     ----------
@@ -856,7 +857,7 @@ class HistoryDisplay:
     candidate_class_std : array-like of shape (T,), optional
         σ of each step's candidate (``nan`` for a zero step).
     initial_class_std, initial_balanced_accuracy : float, optional
-        Values before the first step (plotted at step 0).
+        Values before the first step (plotted at x = −1, labelled "before").
 
     Attributes
     ----------
@@ -931,7 +932,7 @@ class HistoryDisplay:
                 raise ValueError(f"{name} has {arr.size} entries; budget has {T}.")
 
         fig, axes = _axes_list(ax, 2, (7.5, 6.0), sharex=True)
-        steps = np.arange(1, T + 1)
+        steps = np.arange(T)  # history_["step"]
         ax0 = axes[0]
         ax0.step(steps, budget, where="mid", color="0.4", lw=1.2, label="budget α_max",
                  **kwargs)
@@ -950,7 +951,7 @@ class HistoryDisplay:
             ax0.set_xlabel("step")
         else:
             ax1 = axes[1]
-            xs = np.arange(0, T + 1) if self.initial_class_std is not None else steps
+            xs = np.arange(-1, T) if self.initial_class_std is not None else steps
             sig = (np.r_[float(self.initial_class_std), sigma]
                    if self.initial_class_std is not None else sigma)
             ax1.plot(xs, sig, "-", color="tab:purple", lw=1.8, label="σ (class std) after step")
@@ -960,7 +961,8 @@ class HistoryDisplay:
                 ax1.plot(steps[~accepted], cand[~accepted], "x", color=_REJECT_COLOR, ms=8,
                          mew=2, label="candidate σ, rolled back")
             if bal is not None:
-                xb = (np.r_[0, steps] if self.initial_balanced_accuracy is not None else steps)
+                xb = (np.r_[-1, steps] if self.initial_balanced_accuracy is not None
+                      else steps)
                 bv = (np.r_[float(self.initial_balanced_accuracy), bal]
                       if self.initial_balanced_accuracy is not None else bal)
                 ax1.plot(xb, bv, "--", color="tab:blue", lw=1.8, label="balanced accuracy")
@@ -969,7 +971,11 @@ class HistoryDisplay:
             ax1.set_ylim(0, 1.0)
             ax1.grid(True, alpha=0.3)
             ax1.legend(loc="center right", fontsize="small")
-            ax1.set_xticks(np.arange(0 if self.initial_class_std is not None else 1, T + 1))
+            before = self.initial_class_std is not None or bal is not None and \
+                self.initial_balanced_accuracy is not None
+            ticks = np.arange(-1 if before else 0, T)
+            ax1.set_xticks(ticks)
+            ax1.set_xticklabels(["before" if t < 0 else str(t) for t in ticks])
         self.figure_, self.ax_, self.axes_ = fig, ax0, axes
         return self
 

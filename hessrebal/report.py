@@ -11,7 +11,8 @@ import numpy as np
 from ._persistence import save_figure_atomic, write_text_atomic
 from .metrics import balanced_accuracy, class_std
 
-__all__ = ["FIGURES", "render_report", "write_figures", "write_report"]
+__all__ = ["FIGURES", "render_fit_report", "render_report", "write_figures", "write_fit_report",
+           "write_report"]
 
 #: The figures :func:`write_report` writes next to ``report.md``.
 FIGURES = {
@@ -188,9 +189,10 @@ def render_report(result: Any) -> str:
                "at the trained model:\n")
     out.append(f"![Spike-class sensitivity]({FIGURES['sensitivity']})\n")
     out.append("### Steps\n")
+    out.append("Numbered as in `history_[\"step\"]` and the figure, from 0.\n")
     rows = []
     for h in s.history_:
-        rows.append([h["step"] + 1, f"{h['budget']:.4g}",
+        rows.append([h["step"], f"{h['budget']:.4g}",
                      "accepted" if h["accepted"] else "rolled back", h["reason"],
                      h.get("candidate_class_std"), h["class_std"], h["balanced_accuracy"],
                      f"{h['predicted_loss_increase']:.4f}"])
@@ -238,4 +240,132 @@ def write_report(result: Any, output_dir: str | Path) -> Path:
     write_figures(result, output_dir)
     path = output_dir / "report.md"
     write_text_atomic(path, render_report(result))
+    return path
+
+
+# ------------------------------------------------------------ hessrebal fit
+def _fit_figures(output_dir: Path, info: dict[str, Any], surgeon: Any, before: dict[str, Any],
+                 after: dict[str, Any], where: str) -> dict[str, str]:
+    from .plotting import HistoryDisplay, PerClassAccuracyDisplay, SensitivityDisplay
+
+    C = int(info["n_classes"])
+    names: dict[str, str] = {}
+    fig = _figure((max(6.5, 0.91 * C), 4.6))
+    PerClassAccuracyDisplay(before["per_class_accuracy"], after["per_class_accuracy"]).plot(
+        ax=fig.subplots(), title=f"Per-class accuracy on the {where}")
+    _save(fig, output_dir / FIGURES["per_class"])
+    names["per_class"] = FIGURES["per_class"]
+    if surgeon is not None and surgeon.sensitivity_ is not None:
+        k = surgeon.sensitivity_.shape[1]
+        fig = _figure((max(5.5, 0.75 * k + 3.0), max(4.0, 0.42 * C + 1.6)))
+        SensitivityDisplay(surgeon.sensitivity_, eigenvalues=surgeon.eigenvalues_,
+                           ).plot(ax=fig.subplots())
+        _save(fig, output_dir / FIGURES["sensitivity"])
+        names["sensitivity"] = FIGURES["sensitivity"]
+    if surgeon is not None and surgeon.history_:
+        fig = _figure((7.5, 6.0))
+        HistoryDisplay.from_surgeon(surgeon, ax=list(fig.subplots(2, 1, sharex=True)))
+        _save(fig, output_dir / FIGURES["history"])
+        names["history"] = FIGURES["history"]
+    return names
+
+
+def render_fit_report(info: dict[str, Any], estimators: list[tuple[str, Any]],
+                      before: dict[str, Any], after: dict[str, Any],
+                      written: dict[str, Path], figures: dict[str, str]) -> str:
+    """The Markdown text of ``hessrebal fit``'s report."""
+    on_test = info.get("test") is not None
+    out: list[str] = ["# hessrebal fit report\n"]
+    out.append(
+        f"`{info['method']}` on `{info['model']}` ({info['kind']}, {info['n_parameters']:,} "
+        f"parameters, {info['n_classes']} classes), fitted on `{info['val']}` "
+        f"({info['n_val']} samples)"
+        + (f", Hessian on `{info['curvature']}` ({info['n_curvature']} samples)"
+           if info.get("curvature") else "")
+        + ". Every number below is measured on the **"
+        + (f"test data** `{info['test']}`" if on_test else "validation data**")
+        + f" ({info['n_eval']} samples)"
+        + ("." if on_test else ": the method chose its changes on these samples, so the "
+           "numbers are optimistic; pass --test with held-out data for an honest "
+           "estimate.") + "\n")
+    out.append(f"![Per-class accuracy before and after]({figures['per_class']})\n")
+    out.append(f"## Summary ({'test' if on_test else 'validation'} data)\n")
+    rows = []
+    for key, label in (("balanced_accuracy", "balanced accuracy"),
+                       ("class_std", "class std σ"), ("worst_class_accuracy", "worst class"),
+                       ("accuracy", "accuracy")):
+        b, a = before[key], after[key]
+        if key == "worst_class_accuracy":
+            rows.append([label, f"{b:.3f} (class {before['worst_class']})",
+                         f"{a:.3f} (class {after['worst_class']})", f"{a - b:+.3f}"])
+        else:
+            rows.append([label, b, a, f"{a - b:+.3f}"])
+    out.append(_table(["metric", "before", "after", "change"], rows) + "\n")
+    out.append(f"## Per-class accuracy ({'test' if on_test else 'validation'} data)\n")
+    counts = info["eval_counts"]
+    rows = []
+    for c in range(int(info["n_classes"])):
+        b = before["per_class_accuracy"][c]
+        a = after["per_class_accuracy"][c]
+        rows.append([c, int(counts[c]), b, a, "–" if math.isnan(a - b) else f"{a - b:+.3f}"])
+    out.append(_table(["class", "samples", "before", "after", "change"], rows) + "\n")
+    lost = [(c, r[4]) for c, r in enumerate(rows) if r[4] != "–" and float(r[4]) < 0]
+    if lost:
+        out.append("Classes that lost accuracy: "
+                   + ", ".join(f"{c} ({d})" for c, d in lost) + ".\n")
+
+    surgeon = dict(estimators).get("surgeon")
+    if surgeon is not None:
+        s = surgeon
+        out.append("## The surgery\n")
+        accepted = sum(bool(h["accepted"]) for h in s.history_)
+        lam = ", ".join(f"{v:.3g}" for v in s.eigenvalues_)
+        out.append(
+            f"- spikes used: {s.n_components_} (eigenvalues {lam})\n"
+            f"- initial budget α_max: {s.initial_budget_:.4g}\n"
+            f"- steps: {accepted} of {len(s.history_)} accepted; {s.n_hvp_} Hessian-vector "
+            "products\n"
+            f"- predicted loss increase ½Σλᵢαᵢ²: {s.predicted_loss_increase_:.4f}\n")
+        if s.history_:
+            out.append("### Steps\n")
+            out.append("Numbered as in `history_[\"step\"]` (from 0).\n")
+            rows = [[h["step"], f"{h['budget']:.4g}",
+                     "accepted" if h["accepted"] else "rolled back", h["reason"],
+                     h.get("candidate_class_std"), h["class_std"], h["balanced_accuracy"]]
+                    for h in s.history_]
+            out.append(_table(["step", "budget", "decision", "reason", "candidate σ",
+                               "σ after", "balanced accuracy after"], rows,
+                              align="rrllrrr") + "\n")
+        for key, caption in (("sensitivity", "Spike-class sensitivity"),
+                             ("history", "Amplitude control")):
+            if key in figures:
+                out.append(f"![{caption}]({figures[key]})\n")
+
+    out.append("## Settings\n")
+    for stem, est in estimators:
+        params = {k: v for k, v in est.get_params(deep=False).items()}
+        out.append(f"`{type(est).__name__}` ({stem}):\n")
+        out.append(_table(["parameter", "value"],
+                          [[k, f"`{v!r}`" if not isinstance(v, np.ndarray)
+                            else "`array`"] for k, v in params.items()],
+                          align="ll") + "\n")
+    out.append(f"Seed {info['seed']}, {info['threads']} torch thread(s).\n")
+    out.append("## Outputs\n")
+    out.append("\n".join(f"- {k}: `{Path(v).name}`" for k, v in written.items()) + "\n")
+    out.append("## Timings\n")
+    rows = [[k, f"{v:.1f}"] for k, v in info["timings"].items()]
+    out.append(_table(["stage", "seconds"], rows) + "\n")
+    return "\n".join(out)
+
+
+def write_fit_report(output_dir: Path, info: dict[str, Any], estimators: list[tuple[str, Any]],
+                     before: dict[str, Any], after: dict[str, Any],
+                     written: dict[str, Path]) -> Path:
+    """Write ``report.md`` and its figures for ``hessrebal fit``; returns its path."""
+    surgeon = dict(estimators).get("surgeon")
+    where = "test data" if info.get("test") is not None else "validation data"
+    figures = _fit_figures(Path(output_dir), info, surgeon, before, after, where)
+    path = Path(output_dir) / "report.md"
+    write_text_atomic(path, render_fit_report(info, estimators, before, after, written,
+                                              figures))
     return path

@@ -125,6 +125,10 @@ def test_report_numbers_match_the_result(tmp_path):
         assert f"{m['class_std']:.3f}" in text
     table = format_table(result)
     assert f"{result.after['balanced_accuracy']:.3f}" in table.splitlines()[-4]
+    # the steps table counts as history_["step"] does, from 0
+    steps = [h["step"] for h in result.surgeon.history_]
+    assert steps == [0]
+    assert re.search(r"^\| 0 \| [\d.e-]+ \| (accepted|rolled back) \|", text, re.M), text
     path = write_report(result, tmp_path / "a" / "b")  # nested, created
     assert path.name == "report.md" and all((path.parent / f).is_file()
                                             for f in FIGURES.values())
@@ -234,10 +238,13 @@ def test_demo_error_is_one_line(tmp_path, capsys):
 # -------------------------------------------------------------------- help
 @pytest.mark.parametrize("command, options", [
     ("demo", ["--output-dir", "--dataset", "--imbalance-ratio", "--epochs", "--max-steps",
-              "--seed", "--quiet"]),
+              "--seed", "--threads", "--quiet"]),
     ("spectrum", ["--model", "--data", "--factory", "--output-dir", "--n-components",
                   "--curvature", "--max-samples", "--batch-size", "--tol", "--no-density",
-                  "--n-probes", "--n-steps", "--device", "--seed", "--quiet"]),
+                  "--n-probes", "--n-steps", "--device", "--seed", "--threads", "--quiet"]),
+    ("fit", ["--model", "--factory", "--val", "--curvature", "--test", "--output-dir",
+             "--method", "--n-components", "--max-steps", "--config", "--seed", "--device",
+             "--threads", "--quiet"]),
 ])
 def test_help_documents_every_option(command, options, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -258,7 +265,7 @@ def test_top_level_help_lists_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    for command in ("demo", "spectrum"):
+    for command in ("demo", "fit", "spectrum", "bench"):
         assert command in text
 
 

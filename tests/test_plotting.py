@@ -229,7 +229,8 @@ def test_history_marks_accepted_and_rolled_back_steps(fitted):
     disp = HistoryDisplay.from_surgeon(s)
     h = s.history_
     acc = np.array([e["accepted"] for e in h])
-    steps = np.arange(1, len(h) + 1)
+    steps = np.array([e["step"] for e in h])  # one numbering: history_["step"], from 0
+    assert steps[0] == 0
     np.testing.assert_array_equal(disp.accepted_markers_.get_xdata(), steps[acc])
     np.testing.assert_array_equal(disp.rejected_markers_.get_xdata(), steps[~acc])
     np.testing.assert_allclose(disp.accepted_markers_.get_ydata(),
@@ -241,6 +242,9 @@ def test_history_marks_accepted_and_rolled_back_steps(fitted):
     np.testing.assert_allclose(sigma_line.get_ydata(),
                                [np.std(s.per_class_accuracy_before_)]
                                + [e["class_std"] for e in h])
+    np.testing.assert_array_equal(sigma_line.get_xdata(), np.r_[-1, steps])
+    assert score_ax.get_xticklabels()[0].get_text() == "before"
+    assert [t.get_text() for t in score_ax.get_xticklabels()][1:3] == ["0", "1"]
     legend = [t.get_text() for t in budget_ax.get_legend().get_texts()]
     assert f"accepted ({acc.sum()})" in legend and f"rolled back ({(~acc).sum()})" in legend
 
