@@ -904,7 +904,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--output", default=None,
                    help="the JSON file to write (default: only print the table)")
     p.add_argument("--quick", action="store_true",
-                   help="digits-lt, 2 seeds, shorter training (about 15 s on 2 cores)")
+                   help="digits-lt, 2 seeds, shorter training (1-2 minutes on 2 busy cores, "
+                        "most of it last-layer retraining's cross-validation)")
     p.add_argument("--imbalance-ratio", type=float, default=None,
                    help="n_head/n_tail of the training split (default: the dataset's)")
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS, metavar="METHOD",

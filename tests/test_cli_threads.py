@@ -67,4 +67,5 @@ def test_bench_quick_help_gives_its_duration(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     text = capsys.readouterr().out
-    assert "about 15 s" in " ".join(text.split()) and "a few minutes" not in text
+    # measured: 77 s and 139 s for the whole --quick run on the loaded 2-core VM
+    assert "1-2 minutes" in " ".join(text.split()) and "a few minutes" not in text
