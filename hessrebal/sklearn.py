@@ -37,8 +37,9 @@ class SurgicalClassifier(ClassifierMixin, BaseEstimator):
     Parameters
     ----------
     model : nn.Module or skorch net
-        The trained classifier with ``C`` outputs. ``clone`` deep-copies it;
-        a skorch net contributes its ``module_``.
+        The trained classifier with ``C`` outputs. ``clone`` deep-copies it,
+        a trained skorch net included (scikit-learn's default would return an
+        untrained net); a skorch net contributes its ``module_``.
     surgeon : SpectralSurgeon, optional
         The surgery to run; ``None`` means ``SpectralSurgeon()``. Pass one to
         tune its parameters through nested names (``surgeon__budget``,
@@ -237,6 +238,15 @@ class SurgicalClassifier(ClassifierMixin, BaseEstimator):
         elif n is not None and hasattr(self, "n_features_in_") and n != self.n_features_in_:
             raise ValueError(f"X has {n} features, but {type(self).__name__} is expecting "
                              f"{self.n_features_in_} features as input.")
+
+    def __sklearn_clone__(self) -> SurgicalClassifier:
+        # A skorch net is itself a scikit-learn estimator, so the default
+        # clone() would hand back an *untrained* net (no ``module_``) and every
+        # Pipeline or GridSearchCV fit would fail. The trained model is data
+        # here: deep-copy it, whatever its type, as is done for an nn.Module.
+        params = self.get_params(deep=False)
+        model = copy.deepcopy(params.pop("model"))
+        return type(self)(model=model, **{k: clone(v, safe=False) for k, v in params.items()})
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
