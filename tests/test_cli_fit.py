@@ -275,3 +275,24 @@ def test_softmax_model_refuses_to_fold_logit_adjustment(tmp_path, capsys, monkey
     lines = err.strip().splitlines()
     assert code == 2 and [ln for ln in lines if ": error: " in ln] == lines[-1:]
     assert "cannot be folded" in lines[-1] and "softmax" in lines[-1]
+
+
+@pytest.mark.parametrize("method", ["tau_normalization", "class_bias"])
+def test_other_baselines_round_trip_as_state_dicts(in_dir, tmp_path, capsys, method):
+    from hessrebal.baselines import ClassBiasTuning, TauNormalization
+
+    files = in_dir
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, ["fit", "--model", "weights.pt", "--factory",
+                                 "fitnets:make_net", "--val", "val.npz", "--method", method,
+                                 "--output-dir", str(out), "--quiet"])
+    assert code == 0, err
+    net = _fresh(files)
+    net.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    X_val, y_val = files["val"]
+    est = {"tau_normalization": TauNormalization, "class_bias": ClassBiasTuning}[method]()
+    want = est.fit_transform(files["model"], X_val, y_val)
+    X_te, _ = files["test"]
+    with torch.no_grad():
+        torch.testing.assert_close(net(X_te), want(X_te), rtol=1e-5, atol=1e-5)
+    assert (out / f"{method}.hrs").is_file()
