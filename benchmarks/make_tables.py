@@ -172,26 +172,31 @@ def moonshot(cells) -> str:
     return "\n".join(lines)
 
 
-def largest_class_loss(method: dict, base: dict) -> float:
-    """Classes ranked head to tail by training count (the tail is seeded); the
-    largest mean-over-seeds loss of one rank against the untouched model."""
-    losses = []
+def class_losses(method: dict, base: dict) -> tuple[float, float]:
+    """Two readings of "no class loses more than x points" against the untouched
+    model: classes ranked head to tail by training count (the tail is seeded),
+    the largest mean-over-seeds loss of one rank; and the mean over seeds of
+    each seed's largest single-class loss (stricter: the class may differ)."""
+    by_rank, largest = [], []
     for s, row in method.items():
         if s not in base:
             continue
         counts = np.asarray(row["_counts"] if row["_counts"] is not None else
                             np.ones(len(row["per_class_accuracy"])))
         order = np.argsort(-counts, kind="stable")
-        before = np.asarray(base[s]["per_class_accuracy"], dtype=float)[order]
-        losses.append(before - np.asarray(row["per_class_accuracy"], dtype=float)[order])
-    return float(np.max(np.mean(losses, axis=0))) if losses else float("nan")
+        loss = (np.asarray(base[s]["per_class_accuracy"], dtype=float)
+                - np.asarray(row["per_class_accuracy"], dtype=float))[order]
+        by_rank.append(loss)
+        largest.append(loss.max())
+    if not by_rank:
+        return float("nan"), float("nan")
+    return float(np.max(np.mean(by_rank, axis=0))), float(np.mean(largest))
 
 
 def harm(cells) -> str:
-    shown = ("spectral_surgery", "logit_adjustment+spectral_surgery", "logit_adjustment",
-             "last_layer_retraining")
+    shown = ("spectral_surgery", "logit_adjustment", "last_layer_retraining")
     lines = ["| Dataset | Model | Ratio | Val/class | " + " | ".join(
-        f"{SHORT[m]}: Δ bal. acc. / largest class loss" for m in shown) + " |",
+        f"{SHORT[m]}: Δ bal. acc. / class loss (rank; per seed)" for m in shown) + " |",
              "|---|---|---:|---:|" + "---:|" * len(shown)]
     for key, methods in cells.items():
         base = methods["baseline"]
@@ -200,8 +205,9 @@ def harm(cells) -> str:
             if m not in methods:
                 out.append("–")
                 continue
+            rank, per_seed = class_losses(methods[m], base)
             out.append(f"{_diff(methods[m], base, 'balanced_accuracy')} / "
-                       f"{100 * largest_class_loss(methods[m], base):.1f}")
+                       f"{100 * rank:.1f}; {100 * per_seed:.1f}")
         lines.append(f"| {cell_label(key)} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
