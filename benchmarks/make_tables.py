@@ -16,9 +16,9 @@ markers in docs/benchmarks.md:
   differences on the cells with the whole validation split;
 - ``grid``: the full tables of those cells (every cell is in
   ``benchmarks/results/tables.md``);
-- ``ablation``, ``bulk_walk``, ``spike_count``, ``weight_power``,
-  ``validation_size``, ``refresh_value``: the Markdown the side-experiment
-  scripts wrote next to their JSON.
+- ``ablation``, ``joint_head``, ``bulk_walk``, ``spike_count``,
+  ``weight_power``, ``validation_size``, ``refresh_value``: the Markdown the
+  side-experiment scripts wrote next to their JSON.
 
 Also draws ``docs/images/regime_map.png``. Usage::
 
@@ -339,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("headline", headline(cells)), ("paired", paired(cells)),
                        ("grid", format_table(full))):
         doc = fill(doc, name, body)
-    for name in ("ablation", "bulk_walk", "bulk_walk_small", "spike_count", "weight_power",
-                 "validation_size", "refresh_value"):
+    for name in ("ablation", "joint_head", "bulk_walk", "bulk_walk_small", "spike_count",
+                 "weight_power", "validation_size", "refresh_value"):
         path = RESULTS / f"{name}.md"
         if path.exists():
             doc = fill(doc, name, path.read_text())
