@@ -71,11 +71,11 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
-def run_cells(args: Any, label: str, run_cell: Any) -> list[dict[str, Any]]:
+def run_cells(args: Any, label: str, run_cell: Any, key: str = "cells") -> list[dict[str, Any]]:
     """``run_cell(dataset, ratio, seed)`` over ``args.datasets × args.ratios × seeds``.
 
-    The JSON is rewritten after every cell, so an interrupted run keeps what
-    it measured.
+    The JSON (``{"settings": ..., key: [...]}``) is rewritten after every
+    cell, so an interrupted run keeps what it measured.
     """
     cells: list[dict[str, Any]] = []
     for dataset in args.datasets:
@@ -83,8 +83,39 @@ def run_cells(args: Any, label: str, run_cell: Any) -> list[dict[str, Any]]:
             for seed in range(args.seeds):
                 log(f"{label} {dataset} r={ratio:g} seed {seed}")
                 cells.append(run_cell(dataset, ratio, seed))
-                write_json(args.name, {"settings": vars(args), "cells": cells})
+                write_json(args.name, {"settings": vars(args), key: cells})
     return cells
+
+
+def variant_table(runs: list[dict[str, Any]], variants: Any, reference: str,
+                  columns: Any, header: str) -> str:
+    """Markdown rows, one per (dataset, ratio, validation size, variant).
+
+    ``runs`` are per-seed results with ``dataset``, ``ratio`` and ``cells``
+    (dicts with ``n_per_class``, ``variant`` and metric keys). Each row gives
+    mean ± std over the seeds of every ``(key, signed)`` in ``columns``, then
+    the seeds on which the variant's ``balanced_accuracy`` beat ``reference``'s
+    (and the ties). ``header`` is the table's first two lines.
+    """
+    lines = [header]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["dataset"], r["ratio"]), []).append(r)
+    for (dataset, ratio), rs in groups.items():
+        for n in sorted({c["n_per_class"] for r in rs for c in r["cells"]}):
+            def col(variant, key, n=n, rs=rs):
+                return [next(c[key] for c in r["cells"]
+                             if c["n_per_class"] == n and c["variant"] == variant) for r in rs]
+            ref = col(reference, "balanced_accuracy")
+            for variant in variants:
+                mine = col(variant, "balanced_accuracy")
+                wins = sum(a > b + 1e-12 for a, b in zip(mine, ref))
+                ties = sum(abs(a - b) <= 1e-12 for a, b in zip(mine, ref))
+                cells = [mean_std(col(variant, key), signed=signed) for key, signed in columns]
+                paired = "–" if variant == reference else f"{wins}/{len(rs)} ({ties} tied)"
+                lines.append(f"| {dataset} r={ratio:g} | {n} | {variant} | "
+                             + " | ".join(cells) + f" | {paired} |")
+    return "\n".join(lines)
 
 
 def command_line(script: str, argv: list[str] | None) -> str:

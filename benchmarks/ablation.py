@@ -38,15 +38,7 @@ import argparse
 
 import numpy as np
 import torch
-from _common import (
-    command_line,
-    log,
-    mean_std,
-    reference_checkpoint,
-    setup,
-    write_json,
-    write_text,
-)
+from _common import command_line, reference_checkpoint, run_cells, setup, variant_table, write_text
 
 from hessrebal import SpectralSurgeon
 from hessrebal.baselines import LastLayerRetraining, LogitAdjustment
@@ -143,30 +135,13 @@ def run_cell(dataset, ratio, seed, sizes):
 
 
 def table(runs):
-    lines = ["| Data | val / class | variant | Δ bal. acc. | Δσ | worst class | largest class "
-             "loss | paired wins vs default (bal. acc.) |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
-    groups = {}
-    for r in runs:
-        groups.setdefault((r["dataset"], r["ratio"]), []).append(r)
-    for (dataset, ratio), rs in groups.items():
-        for n in sorted({c["n_per_class"] for r in rs for c in r["cells"]}):
-            def col(variant, key, n=n, rs=rs):
-                return [next(c[key] for c in r["cells"]
-                             if c["n_per_class"] == n and c["variant"] == variant) for r in rs]
-            ref = col("default", "balanced_accuracy")
-            for variant in ORDER:
-                mine = col(variant, "balanced_accuracy")
-                wins = sum(a > b + 1e-12 for a, b in zip(mine, ref))
-                ties = sum(abs(a - b) <= 1e-12 for a, b in zip(mine, ref))
-                lines.append(
-                    f"| {dataset} r={ratio:g} | {n} | {variant} | "
-                    f"{mean_std(col(variant, 'delta_balanced_accuracy'), signed=True)} | "
-                    f"{mean_std(col(variant, 'delta_class_std'), signed=True)} | "
-                    f"{mean_std(col(variant, 'worst_class_accuracy'))} | "
-                    f"{mean_std(col(variant, 'largest_class_drop'))} | "
-                    f"{'–' if variant == 'default' else f'{wins}/{len(rs)} ({ties} tied)'} |")
-    return "\n".join(lines)
+    header = ("| Data | val / class | variant | Δ bal. acc. | Δσ | worst class | largest class "
+              "loss | paired wins vs default (bal. acc.) |\n"
+              "|---|---:|---|---:|---:|---:|---:|---:|")
+    return variant_table(runs, ORDER, "default",
+                         [("delta_balanced_accuracy", True), ("delta_class_std", True),
+                          ("worst_class_accuracy", False), ("largest_class_drop", False)],
+                         header)
 
 
 def main(argv=None):
@@ -177,13 +152,8 @@ def main(argv=None):
     ap.add_argument("--name", default="ablation")
     args = ap.parse_args(argv)
     setup()
-    runs = []
-    for dataset in args.datasets:
-        for ratio in args.ratios:
-            for seed in range(args.seeds):
-                log(f"ablation {dataset} r={ratio:g} seed {seed}")
-                runs.append(run_cell(dataset, ratio, seed, SIZES.get(dataset, (20, 50))))
-                write_json(args.name, {"settings": vars(args), "runs": runs})
+    runs = run_cells(args, "ablation", lambda d, r, seed: run_cell(
+        d, r, seed, SIZES.get(d, (20, 50))), key="runs")
     md = ("Ablation on held-out test data: Δ against the untouched model in percentage points, "
           f"mean ± std over {args.seeds} seeds; \"largest class loss\" is the largest drop of "
           "one class's accuracy against the untouched model (mean over seeds); paired wins "

@@ -28,15 +28,8 @@ import argparse
 
 import numpy as np
 import torch
-from _common import (
-    command_line,
-    log,
-    mean_std,
-    reference_checkpoint,
-    setup,
-    write_json,
-    write_text,
-)
+from _common import command_line, reference_checkpoint, run_cells, setup, variant_table, write_text
+from ablation import SIZES
 from sklearn.model_selection import StratifiedKFold
 
 from hessrebal import SpectralSurgeon
@@ -48,7 +41,6 @@ from hessrebal.datasets import load_long_tailed
 from hessrebal.metrics import balanced_accuracy, per_class_accuracy
 from hessrebal.parameters import ParameterSpace
 
-SIZES = {"digits-lt": (20, 40), "mnist-lt": (20, 50)}
 NUS = (1e-3, 1e-2, 1e-1, 1.0)
 
 
@@ -129,27 +121,11 @@ def run_cell(dataset, ratio, seed, sizes):
 
 
 def table(runs):
-    lines = ["| Data | val / class | variant | Δ bal. acc. | Δσ | worst class | "
-             "paired wins vs LLR (bal. acc.) |", "|---|---:|---|---:|---:|---:|---:|"]
-    groups = {}
-    for r in runs:
-        groups.setdefault((r["dataset"], r["ratio"]), []).append(r)
-    for (dataset, ratio), rs in groups.items():
-        for n in sorted({c["n_per_class"] for r in rs for c in r["cells"]}):
-            def col(variant, key, n=n, rs=rs):
-                return [next(c[key] for c in r["cells"]
-                             if c["n_per_class"] == n and c["variant"] == variant) for r in rs]
-            ref = col("LLR", "balanced_accuracy")
-            for variant in ("(b) joint", "LLR", "default"):
-                mine = col(variant, "balanced_accuracy")
-                wins = sum(a > b + 1e-12 for a, b in zip(mine, ref))
-                lines.append(
-                    f"| {dataset} r={ratio:g} | {n} | {variant} | "
-                    f"{mean_std(col(variant, 'delta_balanced_accuracy'), signed=True)} | "
-                    f"{mean_std(col(variant, 'delta_class_std'), signed=True)} | "
-                    f"{mean_std(col(variant, 'worst_class_accuracy'))} | "
-                    f"{'–' if variant == 'LLR' else f'{wins}/{len(rs)}'} |")
-    return "\n".join(lines)
+    header = ("| Data | val / class | variant | Δ bal. acc. | Δσ | worst class | "
+              "paired wins vs LLR (bal. acc.) |\n|---|---:|---|---:|---:|---:|---:|")
+    return variant_table(runs, ("(b) joint", "LLR", "default"), "LLR",
+                         [("delta_balanced_accuracy", True), ("delta_class_std", True),
+                          ("worst_class_accuracy", False)], header)
 
 
 def main(argv=None):
@@ -160,13 +136,8 @@ def main(argv=None):
     ap.add_argument("--name", default="joint_head")
     args = ap.parse_args(argv)
     setup()
-    runs = []
-    for dataset in args.datasets:
-        for ratio in args.ratios:
-            for seed in range(args.seeds):
-                log(f"joint head {dataset} r={ratio:g} seed {seed}")
-                runs.append(run_cell(dataset, ratio, seed, SIZES.get(dataset, (20, 50))))
-                write_json(args.name, {"settings": vars(args), "runs": runs})
+    runs = run_cells(args, "joint head", lambda d, r, seed: run_cell(
+        d, r, seed, SIZES.get(d, (20, 50))), key="runs")
     md = ("Candidate (b), spike span and final layer moved jointly: Δ against the untouched "
           f"model in percentage points, mean ± std over {args.seeds} seeds, held-out test "
           "split; paired wins count the seeds on which a variant's balanced accuracy beats "

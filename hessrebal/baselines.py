@@ -256,6 +256,18 @@ class _PostHocBaseline(BaseEstimator):
         return LogitAdjustedModel(base, torch.as_tensor(self.offsets_, dtype=_dtype_of(module)),
                                   log_input=self.log_input_)
 
+    def _layer_target(self, model: Any, copy: bool) -> Any:
+        """``model`` (or a deep copy) after checking that its layer ``layer_``
+        has the fitted shape: the check the layer-rewriting baselines share."""
+        check_is_fitted(self)
+        _, lin = _find_linear(unwrap_model(model), self.layer_)
+        if lin.in_features != self.in_features_ or lin.out_features != self.n_classes_:
+            raise ValueError(
+                f"model.{self.layer_} is Linear({lin.in_features}, {lin.out_features}); the "
+                f"fitted layer is Linear({self.in_features_}, {self.n_classes_})."
+            )
+        return _deepcopy(model) if copy else model
+
     def fit_transform(self, model: Any, X_val: Any, y_val: Any = None,
                       copy: bool = True) -> nn.Module:
         """``fit(model, X_val, y_val).transform(model, copy=copy)``."""
@@ -697,15 +709,7 @@ class TauNormalization(_PostHocBaseline):
         model
             Same type as given (a skorch net is copied whole).
         """
-        check_is_fitted(self)
-        module = unwrap_model(model)
-        _, lin = _find_linear(module, self.layer_)
-        if lin.in_features != self.in_features_ or lin.out_features != self.n_classes_:
-            raise ValueError(
-                f"model.{self.layer_} is Linear({lin.in_features}, {lin.out_features}); the "
-                f"fitted layer is Linear({self.in_features_}, {self.n_classes_})."
-            )
-        target = _deepcopy(model) if copy else model
+        target = self._layer_target(model, copy)
         self._apply(unwrap_model(target), self.layer_, self.tau_)
         return target
 
@@ -1150,15 +1154,7 @@ class LastLayerRetraining(_PostHocBaseline):
         copy : bool, default=True
             Change a deep copy (True) or ``model`` in place (False).
         """
-        check_is_fitted(self)
-        module = unwrap_model(model)
-        _, lin = _find_linear(module, self.layer_)
-        if lin.in_features != self.in_features_ or lin.out_features != self.n_classes_:
-            raise ValueError(
-                f"model.{self.layer_} is Linear({lin.in_features}, {lin.out_features}); the "
-                f"fitted layer is Linear({self.in_features_}, {self.n_classes_})."
-            )
-        target = _deepcopy(model) if copy else model
+        target = self._layer_target(model, copy)
         new = dict(unwrap_model(target).named_modules())[self.layer_]
         with torch.no_grad():
             new.weight.copy_(torch.as_tensor(self.coef_, dtype=new.weight.dtype))
