@@ -1,3 +1,9 @@
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -99,3 +105,29 @@ def assert_unchanged(model, snap):
     for k, v in state.items():
         assert torch.equal(now[k], v), f"{k} changed"
     assert [m.training for m in model.modules()] == flags
+
+
+def run_two_ranks(worker: Path, out: Path, timeout: float) -> None:
+    """Run ``worker out`` as two gloo ranks with ``torchrun`` on a free local
+    port (one torch thread each); fails the test with the ranks' output."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(worker.parents[1]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={port}", str(worker), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def import_source(directory: Path, name: str, source: str):
+    """Write ``source`` as ``directory/name.py`` and import it (a user's model
+    factory module, as the CLI's ``--factory`` imports one)."""
+    (directory / f"{name}.py").write_text(source)
+    sys.path.insert(0, str(directory))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(directory))

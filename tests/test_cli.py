@@ -3,7 +3,6 @@ models matches a dense Hessian, --help is complete, errors are one line."""
 
 import json
 import re
-import sys
 import textwrap
 import warnings
 
@@ -15,7 +14,7 @@ from torch import nn
 from hessrebal.cli import build_parser, load_model, load_npz, main
 from hessrebal.report import FIGURES
 from tests._reference import dense_hessian
-from tests.conftest import train_full_batch
+from tests.conftest import import_source, train_full_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -42,14 +41,7 @@ def saved(tmp_path_factory):
     """A small trained float64 net saved three ways, its data as .npz, and its
     dense Hessian spectrum."""
     d = tmp_path_factory.mktemp("saved")
-    (d / "tinynets.py").write_text(FACTORY_SOURCE)
-    sys.path.insert(0, str(d))
-    try:
-        import tinynets
-
-        model = tinynets.make_net()
-    finally:
-        sys.path.remove(str(d))
+    model = import_source(d, "tinynets", FACTORY_SOURCE).make_net()
     g = torch.Generator().manual_seed(0)
     X = torch.randn(90, 5, generator=g, dtype=torch.float64)
     y = torch.arange(90) % 3

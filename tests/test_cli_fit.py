@@ -16,7 +16,7 @@ from hessrebal import SpectralSurgeon
 from hessrebal.baselines import LastLayerRetraining, LogitAdjustment
 from hessrebal.cli import main
 from hessrebal.metrics import per_class_accuracy
-from tests.conftest import train_full_batch
+from tests.conftest import import_source, train_full_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -44,14 +44,7 @@ def files(tmp_path_factory):
     """A float32 net trained on long-tailed blobs, saved three ways, with
     validation, training and test data as .npz files."""
     d = tmp_path_factory.mktemp("fit")
-    (d / "fitnets.py").write_text(FACTORY_SOURCE)
-    sys.path.insert(0, str(d))
-    try:
-        import fitnets
-
-        model = fitnets.make_net()
-    finally:
-        sys.path.remove(str(d))
+    model = import_source(d, "fitnets", FACTORY_SOURCE).make_net()
     g = torch.Generator().manual_seed(0)
     X_tr, y_tr = _blobs(g, [200, 80, 30, 8])
     X_val, y_val = _blobs(g, [40, 40, 40, 40])
