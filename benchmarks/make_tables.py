@@ -20,7 +20,8 @@ markers in docs/benchmarks.md:
   ``weight_power``, ``validation_size``, ``refresh_value``: the Markdown the
   side-experiment scripts wrote next to their JSON.
 
-Also draws ``docs/images/regime_map.png``. Usage::
+Also draws ``docs/images/regime_map.png`` and ``docs/images/cap_tradeoff.png``
+(from the ablation's JSON). Usage::
 
     python benchmarks/make_tables.py
 """
@@ -313,6 +314,39 @@ def figure(cells, path: Path) -> None:
     save_figure(fig, path)
 
 
+CAPS = (("cap=0.05", 0.05), ("default", 0.10), ("cap=0.15", 0.15), ("no cap", None))
+
+
+def cap_figure(path: Path) -> None:
+    """The total class-drop cap's trade-off from benchmarks/results/ablation.json:
+    held-out Δ balanced accuracy against the mean per-seed largest class loss,
+    one line per (dataset, ratio, validation size) with r > 1."""
+    runs = json.loads((RESULTS / "ablation.json").read_text())["runs"]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        if r["ratio"] > 1:
+            groups.setdefault((r["dataset"], r["ratio"]), []).append(r)
+    for i, ((dataset, ratio), rs) in enumerate(sorted(groups.items())):
+        for n, marker in zip(sorted({c["n_per_class"] for r in rs for c in r["cells"]}), "os"):
+            xs, ys = [], []
+            for variant, _ in CAPS:
+                cs = [c for r in rs for c in r["cells"]
+                      if c["variant"] == variant and c["n_per_class"] == n]
+                xs.append(100 * mean([c["largest_class_drop"] for c in cs]))
+                ys.append(100 * mean([c["delta_balanced_accuracy"] for c in cs]))
+            ax.plot(xs, ys, "-", marker=marker, color=f"C{i}", ms=4,
+                    label=f"{dataset} r={ratio:g}, {n}/class")
+            ax.annotate("0.05", (xs[0], ys[0]), fontsize=7, xytext=(3, -8),
+                        textcoords="offset points")
+    ax.set_xlabel("largest class loss, mean over seeds (points)")
+    ax.set_ylabel("Δ balanced accuracy (points)")
+    ax.set_title("Total class-drop cap 0.05 → 0.10 (default) → 0.15 → none", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    save_figure(fig, path)
+
+
 def fill(doc: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
     if not pattern.search(doc):
@@ -330,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "tables.md").write_text(format_table(summary) + "\n")
     cells = by_cell(all_rows(results))
     figure(cells, IMAGES / "regime_map.png")
+    cap_figure(IMAGES / "cap_tradeoff.png")
     full = [e for e in summary if (e["dataset"], e.get("model") or "mlp",
                                    e["imbalance_ratio"], e.get("val_per_class") or 0)
             in full_size_cells(cells)]
