@@ -58,15 +58,75 @@ def _safe(value: Any) -> Any:
     return value
 
 
+def _cpu_model() -> str | None:
+    """The CPU's name from ``/proc/cpuinfo`` (Linux), else ``platform.processor()``."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _benchmarks_dirty() -> bool | None:
+    """Whether ``git status`` reports changes to the scripts in benchmarks/."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "*.py"], cwd=HERE,
+                             capture_output=True, text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip())
+
+
+def provenance() -> dict[str, Any]:
+    """Where and when a result was measured, for every JSON a benchmark writes.
+
+    ``git_commit`` (``+dirty`` when the library under ``hessrebal/`` had
+    uncommitted changes) and ``benchmarks_dirty`` (the same for the scripts
+    in ``benchmarks/``), the UTC ``date``, the command line, the hessrebal,
+    torch and Python versions, torch's thread count, the CPU and the load
+    average (1, 5 and 15 minutes) at the time of the call.
+    """
+    import datetime
+    import os
+    import platform
+
+    import hessrebal
+    from hessrebal.bench import git_commit
+
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return {
+        "git_commit": git_commit(),
+        "benchmarks_dirty": _benchmarks_dirty(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]),
+        "hessrebal": hessrebal.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "machine": platform.machine(),
+        "load_average": load,
+    }
+
+
 def write_json(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     import hessrebal
-    from hessrebal.bench import _git_commit
+    from hessrebal.bench import git_commit
 
     data = {**data, "hessrebal": {"path": str(Path(hessrebal.__file__).parent),
-                                  "git_commit": _git_commit(),
-                                  "torch_threads": torch.get_num_threads()}}
+                                  "git_commit": git_commit(),
+                                  "torch_threads": torch.get_num_threads()},
+            "provenance": provenance()}
     path.write_text(json.dumps(_safe(data), indent=1, allow_nan=False) + "\n")
     return path
 

@@ -66,6 +66,12 @@ def trained_lt_mnist_mlp(random_state: int = 0, epochs: int = 20):
 
 
 def emit(result: dict[str, Any], path: str | None = None) -> None:
+    """Print ``result`` as JSON and write it to ``path``, with the run's
+    provenance (commit, date, versions, threads, CPU, load average at the end;
+    ``_common.provenance``) under ``"provenance"``."""
+    from _common import provenance
+
+    result = {**result, "provenance": provenance()}
     text = json.dumps(result, indent=2, default=_jsonable)
     print(text)
     if path:

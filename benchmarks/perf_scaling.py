@@ -24,6 +24,7 @@ import sys
 import time
 
 import torch
+from _perf import emit
 from torch.utils.data import DataLoader, Dataset
 
 
@@ -146,11 +147,7 @@ def main(argv=None):
         "peak_rss_growth_mib": rows[-1]["peak_rss_mib"] - m0,
         "control_all_graphs_kept": control,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as fh:
-            fh.write(text + "\n")
+    emit(result, args.output)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ __all__ = [
     "train_reference_model",
     "curvature_sample",
     "evaluate_model",
+    "git_commit",
 ]
 
 METHODS: tuple[str, ...] = (
@@ -351,19 +352,27 @@ def _version() -> str:
     return __version__
 
 
-def _git_commit() -> str | None:
-    """The commit of the hessrebal checkout, when it is one (for provenance)."""
+def git_commit() -> str | None:
+    """The commit of the hessrebal checkout, when it is one (for provenance).
+
+    The full hash, with ``+dirty`` appended when ``git status`` reports
+    changes under ``hessrebal/``; None outside a git checkout or without git.
+    The benchmark scripts record it in every result file.
+    """
     import subprocess
 
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=5, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hessrebal"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."],
                                cwd=Path(__file__).resolve().parent, capture_output=True,
                                text=True, timeout=5, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+_git_commit = git_commit  # the former private name, kept for existing callers
 
 
 def _write_json(path: Path, result: dict[str, Any]) -> None:
