@@ -8,7 +8,12 @@ on a shared machine) with the operator's defaults
 (``cache_bytes=0``: ``uncached``), the cost of the first product (which builds
 the graphs), and the time per sample of a kept product across chunk sizes.
 
-    python benchmarks/perf_hvp.py [--threads 1] [--rounds 5] [--output FILE]
+    python benchmarks/perf_hvp.py [--threads 1] [--rounds 5] [--runs 1] [--output FILE]
+
+With ``--runs N`` the whole measurement is repeated N times in the process
+(fresh models, same seeds): ``results`` holds the first run, ``runs`` every
+run's ratios and ``spread`` their minimum and maximum, so that a verdict
+against a target can be read with the run-to-run variation beside it.
 
 The gradient is the cheaper of ``HessianOperator.gradient()`` and a plain
 ``model(x)`` / ``loss.backward()`` loop over the same chunks, so the ratio is
@@ -89,23 +94,35 @@ def main(argv=None):
     parser.add_argument("--n-mlp", type=int, default=2400)
     parser.add_argument("--n-cnn", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     env = setup(args.threads)
     splits = load_long_tailed("mnist", random_state=0)
     X = torch.cat([splits.X_train, splits.X_val, splits.X_test]).float()
     y = torch.cat([splits.y_train, splits.y_val, splits.y_test])
-    torch.manual_seed(0)
-    results = [
-        measure("MLP(784-256-128-10)", MLP(784, (256, 128), 10), X[:args.n_mlp], y[:args.n_mlp],
-                args.batch_size, args.rounds, (128, 256, 512, 1024)),
-        measure("SmallCNN(1x28x28, width 16)", SmallCNN(1, 28, 10),
-                X[:args.n_cnn].reshape(-1, 1, 28, 28), y[:args.n_cnn],
-                args.batch_size, args.rounds, (64, 128, 256, 512)),
-    ]
-    emit({"benchmark": "hvp_vs_gradient", "environment": env,
-          "targets": {"ratio_cached": 1.5, "ratio_uncached": 2.5},
-          "results": results}, args.output)
+    runs = []
+    for _ in range(args.runs):
+        torch.manual_seed(0)
+        runs.append([
+            measure("MLP(784-256-128-10)", MLP(784, (256, 128), 10), X[:args.n_mlp],
+                    y[:args.n_mlp], args.batch_size, args.rounds, (128, 256, 512, 1024)),
+            measure("SmallCNN(1x28x28, width 16)", SmallCNN(1, 28, 10),
+                    X[:args.n_cnn].reshape(-1, 1, 28, 28), y[:args.n_cnn],
+                    args.batch_size, args.rounds, (64, 128, 256, 512)),
+        ])
+    out = {"benchmark": "hvp_vs_gradient", "environment": env,
+           "targets": {"ratio_cached": 1.5, "ratio_uncached": 2.5}, "results": runs[0]}
+    if args.runs > 1:
+        keys = ("ratio_cached", "ratio_uncached")
+        out["runs"] = [{r["model"]: {k: r[k] for k in (*keys, "ratio_first_product")}
+                        for r in run} for run in runs]
+        out["spread"] = {
+            r["model"]: {k: {stat: [min(run[i][k][stat] for run in runs),
+                                    max(run[i][k][stat] for run in runs)]
+                             for stat in ("median", "best")} for k in keys}
+            for i, r in enumerate(runs[0])}
+    emit(out, args.output)
 
 
 if __name__ == "__main__":
