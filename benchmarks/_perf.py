@@ -19,6 +19,11 @@ def setup(threads: int) -> dict[str, Any]:
     """Fix the thread count (ratios are only stable with a fixed one) and
     describe the machine for the JSON output."""
     torch.set_num_threads(threads)
+    # Import the provenance helper now: the tree may change while the script runs.
+    import _common  # noqa: F401
+
+    import hessrebal.bench  # noqa: F401
+
     return {
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
