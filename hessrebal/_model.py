@@ -4,18 +4,28 @@ Every forward pass of hessrebal goes through :class:`FunctionalModel`: it runs
 the module in eval mode (BatchNorm on running statistics, dropout off) with
 ``torch.func.functional_call``, so the user's parameters, buffers and
 train/eval flags are never touched, whatever happens during the call.
+
+Inputs are one tensor (``model(x)``) or a mapping of named tensors
+(``model(**x)``). Attention is evaluated, in every pass that hessrebal
+differentiates, through kernels that have the derivatives it takes (see
+:class:`DifferentiableAttention`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import inspect
+import re
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
+from ._data import Inputs, describe
 from .parameters import LOW_PRECISION_DTYPES, ParameterSpace, compute_dtype, unwrap_model
 
 OutputToLogits = Callable[[Any], torch.Tensor]
@@ -54,6 +64,65 @@ def evaluation_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for m, training in flags:
             m.training = training
+
+
+def call_module(module: nn.Module, x: Inputs) -> Any:
+    """``module(**x)`` for a mapping of named inputs, else ``module(x)``."""
+    if isinstance(x, Mapping):
+        return module(**x)
+    return module(x)
+
+
+def _math_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+               is_causal: bool = False, scale: float | None = None,
+               enable_gqa: bool = False) -> torch.Tensor:
+    return torch.ops.aten._scaled_dot_product_attention_math(
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+        enable_gqa=enable_gqa)[0]
+
+
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+class DifferentiableAttention(TorchFunctionMode):
+    """Run attention through PyTorch's math kernels, which have every
+    derivative hessrebal takes (double backward, forward mode, vmap).
+
+    PyTorch's fused scaled-dot-product-attention kernels (flash, memory
+    efficient, cuDNN, the CPU flash kernel) have first derivatives only, and
+    ``nn.MultiheadAttention`` either calls them or, in eval mode without
+    gradients, a fused fast path without forward-mode derivatives. Under
+    this mode ``F.scaled_dot_product_attention`` is evaluated by the math
+    backend (the same function, composed of matmul and softmax), and
+    ``F.multi_head_attention_forward`` by its explicit-weights branch;
+    being a torch-function mode, it also turns off the modules' fused fast
+    paths. It is thread-local and changes no global setting, so the user's
+    own calls elsewhere keep their kernels. :attr:`seen` records whether any
+    attention ran.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.seen = True
+            return _math_sdpa(*args, **kwargs)
+        if func is F.multi_head_attention_forward:
+            self.seen = True
+            call = _MHA_SIGNATURE.bind(*args, **kwargs)
+            call.apply_defaults()
+            a = dict(call.arguments)
+            # The explicit-weights branch computes softmax(QKᵀ/√d)V with plain
+            # ops; without it the function hands over to a fused SDPA kernel
+            # that this mode, being popped while it runs, would not see.
+            wanted, a["need_weights"] = a["need_weights"], True
+            out, weights = func(**a)
+            return out, (weights if wanted else None)
+        return func(*args, **kwargs)
 
 
 def _widened(t: torch.Tensor) -> torch.Tensor:
@@ -97,6 +166,10 @@ class FunctionalModel:
         self.widened = space.compute_dtype != space.dtype or any(
             t.dtype in LOW_PRECISION_DTYPES for t in (*fixed.values(), *buffers.values()))
         self._native = (fixed, buffers) if self.widened else (self._fixed, self._buffers)
+        # Whether the forward runs attention: None until the first
+        # differentiable-mode pass has looked. Models without attention then
+        # skip the (pass-through) mode, which costs Python dispatch per op.
+        self.uses_attention: bool | None = None
 
     @property
     def device(self) -> torch.device:
@@ -117,23 +190,33 @@ class FunctionalModel:
         """The model's current selected parameters, flattened (a copy)."""
         return self.space.gather(self.module)
 
-    def logits(self, theta: torch.Tensor, x: torch.Tensor, native: bool = False) -> torch.Tensor:
-        """Logits at ``theta`` (in :attr:`dtype`).
+    def logits(self, theta: torch.Tensor, x: Inputs, native: bool = False) -> torch.Tensor:
+        """Logits at ``theta`` (in :attr:`dtype`); ``x`` is a tensor, or a
+        mapping of named tensors passed as keyword arguments.
 
-        ``native=True`` runs a float16/bfloat16 model in its own dtype, at
-        ``theta`` rounded to it, as ``transform`` will leave it; the logits
-        come back in :attr:`dtype`. Not differentiable in a useful way.
+        Attention runs through differentiable math kernels
+        (:class:`DifferentiableAttention`). ``native=True`` runs the model as
+        the user will: a float16/bfloat16 model in its own dtype, at ``theta``
+        rounded to it, and attention through the model's own kernels; the
+        logits come back in :attr:`dtype`. Not differentiable in a useful way.
         """
         fixed, buffers = self._native if native else (self._fixed, self._buffers)
         if native and self.widened:
             theta = theta.to(self.native_dtype)
-            if x.is_floating_point():
-                x = x.to(self.native_dtype)
+            x = _cast_floating(x, self.native_dtype)
         tensors = dict(fixed)
         tensors.update(self.space.unflatten(theta))
         tensors.update(buffers)
+        args, kwargs = ((), dict(x)) if isinstance(x, Mapping) else ((x,), None)
         with evaluation_mode(self.module):
-            out = functional_call(self.module, tensors, (x,))
+            if native or self.uses_attention is False:
+                out = functional_call(self.module, tensors, args, kwargs)
+            else:
+                mode = DifferentiableAttention()
+                with mode:
+                    out = functional_call(self.module, tensors, args, kwargs)
+                if self.uses_attention is None:
+                    self.uses_attention = mode.seen
         logits = self.output_to_logits(out)
         if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
@@ -144,23 +227,114 @@ class FunctionalModel:
             logits = logits.to(self.dtype)
         return logits
 
-    def probe(self, x: torch.Tensor, name: str = "X") -> int:
+    def probe(self, x: Inputs, name: str = "X") -> int:
         """Run one chunk through the model and return its number of outputs,
         turning a shape error deep inside the model into one clear message."""
         try:
             with torch.no_grad():
                 logits = self.logits(self.initial_theta(), x)
-        except (RuntimeError, IndexError, ValueError) as exc:
+        except (RuntimeError, IndexError, ValueError, TypeError) as exc:
+            # A TypeError is the model's signature refusing the named inputs
+            # (e.g. "unexpected keyword argument"); any other (an output
+            # without logits) already says what to do.
+            if isinstance(exc, TypeError) and not (isinstance(x, Mapping)
+                                                   and "argument" in str(exc)):
+                raise
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ValueError(
-                f"The model cannot take {name} of shape {tuple(x.shape)} "
-                f"(dtype {x.dtype}): {first}"
-            ) from exc
+            raise ValueError(f"The model cannot take {name} {describe(x)}: {first}") from exc
         if logits.shape[1] < 2:
             raise ValueError(
                 f"The model has {logits.shape[1]} output; a classifier needs at least 2."
             )
         return int(logits.shape[1])
+
+
+# Autograd's messages for a derivative PyTorch does not have: a missing
+# backward of a backward (double backward), a missing forward-mode formula,
+# and a custom autograd.Function marked once-differentiable.
+_NO_DOUBLE_BACKWARD = re.compile(r"derivative for (aten::\w+?)(?:_backward)?(?:\.\w+)? is not "
+                                 r"implemented")
+_NO_FORWARD_AD = re.compile(r"forward AD with (aten::\w+)(?:\.\w+)? that does not support it")
+_ONCE_DIFFERENTIABLE = "marked with @once_differentiable"
+
+
+def missing_derivative_error(fmodel: FunctionalModel, theta: torch.Tensor, x: Inputs,
+                             exc: BaseException, product: str) -> ValueError | None:
+    """A clear error for ``exc`` if it says that a layer of the model has no
+    derivative of the order hessrebal needs, naming that layer; else None.
+
+    ``product`` says which product failed (for the message). The layer is
+    found by one more forward pass on ``x`` that records, per module, the
+    aten operations it ran and the custom autograd functions it returned.
+    """
+    message = str(exc)
+    match = _NO_DOUBLE_BACKWARD.search(message) or _NO_FORWARD_AD.search(message)
+    if match is None and _ONCE_DIFFERENTIABLE not in message:
+        return None
+    op = match.group(1) if match else None
+    layer = _layer_running(fmodel, theta, x, op)
+    what = (f"'{op}'" if op else "a custom autograd.Function marked @once_differentiable")
+    where = (f"layer '{layer[0]}' ({layer[1]})" if layer else "a layer")
+    order = ("forward-mode derivative" if match is not None and match.re is _NO_FORWARD_AD
+             else "second derivative")
+    return ValueError(
+        f"model: {where} computes {what}, which has no {order} in PyTorch, so hessrebal "
+        f"cannot take {product} through it. Write that layer with differentiable operations "
+        "(for attention: F.scaled_dot_product_attention or nn.MultiheadAttention, which "
+        "hessrebal evaluates with PyTorch's math kernels), or select only parameters "
+        "that come after it with params= (e.g. the classifier head)."
+    )
+
+
+def _layer_running(fmodel: FunctionalModel, theta: torch.Tensor, x: Inputs,
+                   op: str | None) -> tuple[str, str] | None:
+    """The innermost module (name, class) whose forward ran aten ``op``, or,
+    with ``op=None``, that returned the output of a custom autograd.Function."""
+    from torch.nn.modules.module import (
+        register_module_forward_hook,
+        register_module_forward_pre_hook,
+    )
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names = {id(m): (n or "<model>") for n, m in fmodel.module.named_modules()}
+    stack: list[nn.Module] = []
+    found: list[nn.Module] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if op is not None and stack and not found and func._schema.name == op:
+                found.append(stack[-1])
+            return func(*args, **(kwargs or {}))
+
+    def pre(module, args):
+        stack.append(module)
+
+    def post(module, args, output):
+        if stack and stack[-1] is module:
+            stack.pop()
+        grad_fn = getattr(output, "grad_fn", None)
+        if (op is None and not found and id(module) in names
+                and isinstance(grad_fn, torch.autograd.function.BackwardCFunction)):
+            found.append(module)
+
+    handles = [register_module_forward_pre_hook(pre), register_module_forward_hook(post)]
+    try:
+        with torch.enable_grad(), Record():
+            fmodel.logits(theta.detach().requires_grad_(True), x)
+    except Exception:  # the diagnosis must never hide the original error
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    if not found or id(found[0]) not in names:
+        return None
+    return names[id(found[0])], type(found[0]).__name__
+
+
+def _cast_floating(x: Inputs, dtype: torch.dtype) -> Inputs:
+    if isinstance(x, Mapping):
+        return {k: _cast_floating(t, dtype) for k, t in x.items()}
+    return x.to(dtype) if x.is_floating_point() else x
 
 
 def check_finite_parameters(model: Any, name: str = "model") -> None:

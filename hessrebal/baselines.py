@@ -33,9 +33,10 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ._data import as_data, check_label_range
+from ._data import as_data, check_label_range, describe
 from ._model import (
     FunctionalModel,
+    call_module,
     default_output_to_logits,
     evaluation_mode,
     predict_logits,
@@ -90,8 +91,9 @@ class LogitAdjustedModel(nn.Module):
         self.register_buffer("offsets", offsets.detach().clone())
         self.log_input = bool(log_input)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = default_output_to_logits(self.base(x))
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Passed on as given: a model of named inputs is called as model(**X).
+        z = default_output_to_logits(self.base(*args, **kwargs))
         if z.ndim != 2 or z.shape[1] != self.offsets.shape[0]:
             raise ValueError(
                 f"The wrapped model returns outputs of shape {tuple(z.shape)}; the offsets "
@@ -140,11 +142,11 @@ def _plain_logits(module: nn.Module, data, batch_size: int, name: str) -> torch.
         with torch.no_grad(), evaluation_mode(module):
             for x, _ in data.chunks(batch_size, device):
                 try:
-                    z = default_output_to_logits(module(x))
+                    z = default_output_to_logits(call_module(module, x))
                 except (RuntimeError, IndexError) as exc:
                     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                    raise ValueError(f"The model cannot take {name} of shape "
-                                     f"{tuple(x.shape)}: {first}") from exc
+                    raise ValueError(f"The model cannot take {name} "
+                                     f"{describe(x)}: {first}") from exc
                 if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] < 2:
                     raise ValueError("The model's outputs must have shape (n_samples, "
                                      "n_classes) with at least 2 classes.")

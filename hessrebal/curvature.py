@@ -40,8 +40,19 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from ._data import DEFAULT_BATCH_SIZE, LabelledData, as_data, check_label_range
-from ._model import FunctionalModel, OutputToLogits, check_finite_parameters
+from ._data import (
+    DEFAULT_BATCH_SIZE,
+    LabelledData,
+    as_data,
+    check_label_range,
+    move_inputs,
+)
+from ._model import (
+    FunctionalModel,
+    OutputToLogits,
+    check_finite_parameters,
+    missing_derivative_error,
+)
 from .parameters import ParameterSpace, ParamSelection, unwrap_model
 
 _CURVATURES = ("hessian", "ggn")
@@ -173,9 +184,12 @@ class HessianOperator:
     model : nn.Module or skorch net
         The trained classifier; evaluated in eval mode. Its parameters,
         buffers and train/eval flags are left exactly as they were.
-    X, y : tensor, ndarray, Dataset or DataLoader
-        The data the loss is averaged over. With a Dataset/DataLoader, ``y``
-        is None and batches are ``(inputs, labels)``.
+    X, y : tensor, ndarray, mapping, Dataset or DataLoader
+        The data the loss is averaged over. ``X`` may be a mapping of named
+        input tensors (a dict, a tokenizer's ``BatchEncoding``): the model is
+        called as ``model(**X)``, every tensor chunked along its first
+        dimension. With a Dataset/DataLoader, ``y`` is None and batches are
+        ``(inputs, labels)`` or mappings with a ``"labels"`` entry.
     params : None, str, sequence of str or callable
         Which parameters span the operator (see :class:`ParameterSpace`).
     curvature : {"hessian", "ggn"}, default="hessian"
@@ -305,6 +319,24 @@ class HessianOperator:
         """``H @ v`` for ``v`` of shape ``(D,)``, or ``H @ V`` for a block ``(D, b)``
         (one pass over the data; counts ``b`` products)."""
         v = self._check_vector(v)
+        try:
+            out = self._sum_products(v)
+        except RuntimeError as exc:
+            # A layer without second derivatives (a fused kernel, a custom
+            # once-differentiable function): say which, not autograd's words.
+            x0 = next(iter(self._chunks()))[0]
+            error = missing_derivative_error(self.fmodel, self.theta, x0, exc,
+                                             f"{self.curvature} products")
+            if error is None:
+                raise
+            raise error from exc
+        out = self._all_reduce(out)
+        out.div_(self.n_samples)
+        self.n_matvec += 1 if v.ndim == 1 else int(v.shape[1])
+        return out
+
+    def _sum_products(self, v: torch.Tensor) -> torch.Tensor:
+        """Σ over this rank's chunks of the chunk products with ``v``."""
         out = torch.zeros_like(v)
         if self._complete:
             # Every chunk's graph is kept: no pass over the data at all.
@@ -317,9 +349,6 @@ class HessianOperator:
                 n_chunks = i + 1
             self._complete = (n_chunks == len(self._cache)
                               and all(fn is not None for fn in self._cache))
-        out = self._all_reduce(out)
-        out.div_(self.n_samples)
-        self.n_matvec += 1 if v.ndim == 1 else int(v.shape[1])
         return out
 
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
@@ -370,14 +399,20 @@ class HessianOperator:
         if not data.in_memory:
             return data
         X, y = data.X, data.y
-        dtype = self.dtype if X.is_floating_point() else X.dtype
-        if X.device == self.device and X.dtype == dtype and y.device == self.device:
+        tensors = list(X.values()) if isinstance(X, dict) else [X]
+
+        def dtype_of(t: torch.Tensor) -> torch.dtype:
+            return self.dtype if t.is_floating_point() else t.dtype
+
+        if (all(t.device == self.device and t.dtype == dtype_of(t) for t in tensors)
+                and y.device == self.device):
             return data
-        nbytes = X.numel() * torch.empty((), dtype=dtype).element_size() + y.numel() * 8
+        nbytes = sum(t.numel() * torch.empty((), dtype=dtype_of(t)).element_size()
+                     for t in tensors) + y.numel() * 8
         if nbytes > default_cache_bytes(self.device):
             return data
-        return LabelledData(X.to(self.device, dtype), y.to(self.device), name=data.name,
-                            y_name=data.y_name)
+        return LabelledData(move_inputs(X, self.device, self.dtype), y.to(self.device),
+                            name=data.name, y_name=data.y_name)
 
     def _forward(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self._affine_bn:

@@ -419,9 +419,11 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
         ----------
         model : nn.Module or skorch net
             The trained classifier. It is not changed.
-        X_val, y_val : tensor, ndarray, Dataset or DataLoader
+        X_val, y_val : tensor, ndarray, mapping, Dataset or DataLoader
             The validation (sensitivity) data; with a Dataset/DataLoader
-            ``y_val`` is None.
+            ``y_val`` is None. A mapping of named tensors (a dict, a
+            tokenizer's ``BatchEncoding``) is passed as ``model(**X_val)``;
+            its ``"labels"`` entry, if any, stands for ``y_val``.
         curvature_data : (X, y) tuple, Dataset or DataLoader, optional
             Where the Hessian is taken (the paper: 128–256 training images).
             Default: the validation data.

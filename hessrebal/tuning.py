@@ -133,7 +133,7 @@ def surgery_score(
         Fitted.
     model : nn.Module or skorch net
         The model the surgeon was fitted on (it is not changed or copied).
-    X, y : tensor, ndarray, Dataset or DataLoader
+    X, y : tensor, ndarray, mapping, Dataset or DataLoader
         Labelled data, as for ``SpectralSurgeon.fit``.
     scoring : str or callable, default="balanced_accuracy"
         ``"balanced_accuracy"``; ``"balanced_accuracy_minus_std"``, the
@@ -362,7 +362,7 @@ class SpectralSurgeonSearch(BaseEstimator):
         ----------
         model : nn.Module or skorch net
             The trained classifier (never changed).
-        X_val, y_val : tensor, ndarray, Dataset or DataLoader
+        X_val, y_val : tensor, ndarray, mapping, Dataset or DataLoader
             The validation data; split for each trial.
         **fit_params
             Passed to every ``SpectralSurgeon.fit`` (e.g. ``curvature_data``).

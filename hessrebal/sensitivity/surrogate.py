@@ -9,7 +9,7 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from .._data import LabelledData
-from .._model import FunctionalModel
+from .._model import FunctionalModel, missing_derivative_error
 from .._process_state import PROCESS_STATE_LOCK
 from .base import SensitivityEstimator, check_directions
 
@@ -103,20 +103,34 @@ class SoftmaxSurrogateSensitivity(SensitivityEstimator):
                 s = per_sample_surrogate(fmodel.logits(th, x), y, self.kind, self.temperature)
                 return torch.zeros(n_classes, dtype=s.dtype, device=s.device).index_add(0, y, s)
 
-            if k <= n_classes:
-                # k forward-mode products, vectorised over the tangents.
-                def push(t: torch.Tensor) -> torch.Tensor:
-                    return jvp(class_sums, (theta,), (t,))[1]
-
-                S += _vectorised(push, Q.T).T
-            else:
-                _, pull = vjp(class_sums, theta)
-                eye = torch.eye(n_classes, dtype=theta.dtype, device=theta.device)
-                J = _vectorised(lambda e, pull=pull: pull(e)[0], eye)  # (C, D)
-                S += J @ Q
+            try:
+                S += self._chunk_products(class_sums, theta, Q, n_classes)
+            except RuntimeError as exc:
+                # A layer without the derivative taken here: name it.
+                mode = "forward-mode" if k <= n_classes else "reverse-mode"
+                error = missing_derivative_error(fmodel, theta, x, exc,
+                                                 f"the sensitivities' {mode} products")
+                if error is None:
+                    raise
+                raise error from exc
         S = S / counts.clamp_min(1)[:, None]
         S[counts == 0] = 0.0
         return S.detach().cpu().numpy().astype(np.float64)
+
+    @staticmethod
+    def _chunk_products(class_sums, theta: torch.Tensor, Q: torch.Tensor,
+                        n_classes: int) -> torch.Tensor:
+        """``J_s Q`` (C, k) of one chunk's class sums."""
+        if Q.shape[1] <= n_classes:
+            # k forward-mode products, vectorised over the tangents.
+            def push(t: torch.Tensor) -> torch.Tensor:
+                return jvp(class_sums, (theta,), (t,))[1]
+
+            return _vectorised(push, Q.T).T
+        _, pull = vjp(class_sums, theta)
+        eye = torch.eye(n_classes, dtype=theta.dtype, device=theta.device)
+        J = _vectorised(lambda e: pull(e)[0], eye)  # (C, D)
+        return J @ Q
 
 
 def _vectorised(fn, rows: torch.Tensor) -> torch.Tensor:
