@@ -141,7 +141,7 @@ def build_estimators(method: str, config: dict[str, Any], args: argparse.Namespa
 
 
 # ------------------------------------------------------------------ export
-def _fold_offsets(model: nn.Module, X_check: torch.Tensor) -> nn.Module:
+def _fold_offsets(model: nn.Module, X_check: Any) -> nn.Module:
     """A ``LogitAdjustedModel`` (logits − offsets) as its base model with the
     offsets subtracted from the output bias, so the result has the input's
     architecture (and can be written as its state dict). Checked on data."""
@@ -165,11 +165,11 @@ def _fold_offsets(model: nn.Module, X_check: torch.Tensor) -> nn.Module:
                          "save it as TorchScript of a model with a biased final layer.")
     with torch.no_grad():
         bias.sub_(offsets.to(dtype=bias.dtype, device=bias.device))
-        x = X_check.to(next(folded.parameters()).device)
-        if x.is_floating_point():
-            x = x.to(bias.dtype)
-        want, got = model.eval()(x), folded.eval()(x)
-        from ._model import default_output_to_logits
+        from ._data import move_inputs
+        from ._model import call_module, default_output_to_logits
+
+        x = move_inputs(X_check, next(folded.parameters()).device, bias.dtype)
+        want, got = call_module(model.eval(), x), call_module(folded.eval(), x)
 
         got = default_output_to_logits(got)
         scale = float(want.abs().max()) or 1.0
@@ -264,17 +264,18 @@ def run_fit(args: argparse.Namespace) -> int:
             raise ValueError(f"--device: {_first_line(exc)}") from exc
     prior = None
     with torch.no_grad():
-        probe = torch.as_tensor(X_val[:2])
-        params = list(model.parameters())
-        if probe.is_floating_point() and params:
-            probe = probe.to(params[0].dtype)
-        try:
-            from ._model import default_output_to_logits
+        from ._data import as_inputs, describe, move_inputs, take_rows
 
-            C = int(default_output_to_logits(model(probe.to(params[0].device)
-                                                   if params else probe)).shape[1])
-        except (RuntimeError, IndexError) as exc:
-            raise ValueError(f"the model cannot take X of shape {tuple(X_val.shape)}: "
+        params = list(model.parameters())
+        probe = move_inputs(as_inputs(take_rows(X_val, slice(0, 2))),
+                            params[0].device if params else None,
+                            params[0].dtype if params else None)
+        try:
+            from ._model import call_module, default_output_to_logits
+
+            C = int(default_output_to_logits(call_module(model, probe)).shape[1])
+        except (RuntimeError, IndexError, TypeError) as exc:
+            raise ValueError(f"the model cannot take X {describe(as_inputs(X_val))}: "
                              f"{_first_line(exc)}") from exc
     if curv is not None:
         counts = np.bincount(curv[1], minlength=C)[:C].astype(np.float64)
@@ -300,7 +301,7 @@ def run_fit(args: argparse.Namespace) -> int:
         if not issubclass(w.category, (DeprecationWarning, FutureWarning)) and text not in seen:
             seen.add(text)
             print(f"hessrebal fit: warning: {text}", file=sys.stderr)
-    X_check = torch.as_tensor(X_val[:256])
+    X_check = as_inputs(take_rows(X_val, slice(0, 256)))
     result = _fold_offsets(current, X_check)
 
     eval_X, eval_y = (test if test is not None else (X_val, y_val))

@@ -261,7 +261,11 @@ def load_model(path: str | Path, factory: str | None = None) -> tuple[Any, str]:
 
 
 def load_npz(path: str | Path) -> tuple[Any, Any]:
-    """``X`` and ``y`` from an ``.npz`` file (no pickled objects)."""
+    """``X`` and ``y`` from an ``.npz`` file (no pickled objects).
+
+    Without an array ``X``, every array other than ``y`` is a named input
+    and ``X`` is their dict (the model is called as ``model(**X)``, e.g. with
+    ``input_ids`` and ``attention_mask``)."""
     import numpy as np
 
     p = Path(path)
@@ -274,21 +278,28 @@ def load_npz(path: str | Path) -> tuple[Any, Any]:
                          "write one with np.savez(path, X=X, y=y).")
     try:
         with np.load(p, allow_pickle=False) as f:
-            missing = [k for k in ("X", "y") if k not in f.files]
+            named = [k for k in f.files if k != "y"]
+            missing = [k for k in ("X", "y") if k not in f.files
+                       and not (k == "X" and named and "y" in f.files)]
             if missing:
                 held = sorted(f.files)
                 listed = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
                 raise ValueError(f"{str(path)!r} has no array {missing[0]!r} "
                                  f"(it holds: {listed or 'nothing'}); save it with "
-                                 "np.savez(path, X=X, y=y).")
-            X, y = f["X"], f["y"]
+                                 "np.savez(path, X=X, y=y), or with named inputs and y "
+                                 "(np.savez(path, input_ids=..., attention_mask=..., y=y)).")
+            X = f["X"] if "X" in f.files else {k: f[k] for k in named}
+            y = f["y"]
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"cannot read {str(path)!r} as an .npz file: "
                          f"{_first_line(exc)}") from exc
-    if X.dtype == object or y.dtype == object:
+    arrays = X if isinstance(X, dict) else {"X": X}
+    if y.dtype == object or any(a.dtype == object for a in arrays.values()):
         raise ValueError(f"{str(path)!r}: X and y must be numeric arrays.")
-    if X.shape[0] != y.shape[0]:
-        raise ValueError(f"{str(path)!r}: X has {X.shape[0]} samples but y has {y.shape[0]}.")
+    for key, a in arrays.items():
+        if a.ndim == 0 or a.shape[0] != y.shape[0]:
+            n = a.shape[0] if a.ndim else 0
+            raise ValueError(f"{str(path)!r}: {key} has {n} samples but y has {y.shape[0]}.")
     if not np.issubdtype(y.dtype, np.integer):
         if not (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0)):
             raise ValueError(f"{str(path)!r}: y must hold integer class labels.")
@@ -314,16 +325,18 @@ def _spectrum(args: argparse.Namespace) -> int:
         raise ValueError(f"--tol must be positive; got {args.tol}.")
     model, kind = load_model(args.model, args.factory)
     X, y = load_npz(args.data)
+    from ._data import as_inputs, describe, move_inputs, take_rows
+
     if args.max_samples is not None and args.max_samples < len(y):
         idx = np.sort(np.random.default_rng(args.seed).permutation(len(y))[: args.max_samples])
-        X, y = X[idx], y[idx]
+        X, y = take_rows(X, idx), y[idx]
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:
         raise ValueError(f"--device: {_first_line(exc)}") from exc
     model = model.to(device)
-    X_t, y_t = torch.as_tensor(X), torch.as_tensor(y)
-    from ._model import default_output_to_logits
+    X_t, y_t = as_inputs(X), torch.as_tensor(y)
+    from ._model import call_module, default_output_to_logits
     from ._persistence import save_figure_atomic, write_text_atomic
     from .curvature import HessianOperator
     from .plotting import spectrum_summary
@@ -331,12 +344,11 @@ def _spectrum(args: argparse.Namespace) -> int:
     try:
         with torch.no_grad():
             params = [p for p in model.parameters()]
-            x0 = X_t[:2].to(device)
-            if x0.is_floating_point() and params:
-                x0 = x0.to(params[0].dtype)
-            logits = default_output_to_logits(model(x0))
-    except (RuntimeError, IndexError) as exc:
-        raise ValueError(f"the model cannot take X of shape {tuple(X.shape)}: "
+            x0 = move_inputs(take_rows(X_t, slice(0, 2)), device,
+                             params[0].dtype if params else None)
+            logits = default_output_to_logits(call_module(model, x0))
+    except (RuntimeError, IndexError, TypeError) as exc:
+        raise ValueError(f"the model cannot take X {describe(X_t)}: "
                          f"{_first_line(exc)}") from exc
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ValueError(f"the model's output has shape {tuple(logits.shape)}; expected "
