@@ -281,8 +281,10 @@ def missing_derivative_error(fmodel: FunctionalModel, theta: torch.Tensor, x: In
         f"model: {where} computes {what}, which has no {order} in PyTorch, so hessrebal "
         f"cannot take {product} through it. Write that layer with differentiable operations "
         "(for attention: F.scaled_dot_product_attention or nn.MultiheadAttention, which "
-        "hessrebal evaluates with PyTorch's math kernels), or select only parameters "
-        "that come after it with params= (e.g. the classifier head)."
+        "hessrebal evaluates with PyTorch's math kernels), select only parameters "
+        "that come after it with params= (e.g. the classifier head), or, for the "
+        "curvature alone, use HessianOperator(product='finite_difference'), which "
+        "needs first derivatives only."
     )
 
 

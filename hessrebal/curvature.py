@@ -23,9 +23,11 @@ map, about 1.2× folded).
 
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from collections.abc import Callable
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -56,6 +58,7 @@ from ._model import (
 from .parameters import ParameterSpace, ParamSelection, unwrap_model
 
 _CURVATURES = ("hessian", "ggn")
+_PRODUCTS = ("autograd", "finite_difference")
 
 
 def default_cache_bytes(device: torch.device) -> int:
@@ -216,6 +219,21 @@ class HessianOperator:
         DataLoader the graphs are kept only if all of them fit.
     theta : tensor, optional
         Evaluate the curvature at these flat parameters instead of the model's.
+    product : {"autograd", "finite_difference"}, default="autograd"
+        ``"autograd"``: exact products by double backward, graphs kept as
+        above. ``"finite_difference"``: first derivatives only, for a model
+        with a layer that has no second derivative: the Hessian product is
+        ``(∇L(θ+εv) − ∇L(θ−εv)) / 2ε`` and the GGN's ``J v`` is
+        ``(f(θ+εv) − f(θ−εv)) / 2ε``, followed by one exact reverse pass.
+        Every product makes two passes over the data and keeps no graph;
+        its error is O(ε²) plus rounding (measured in docs/performance.md,
+        "Attention models").
+    fd_step : float, optional
+        The length of the finite-difference step ``‖εv‖`` relative to the
+        parameters' scale: ``ε = fd_step · max(1, rms(θ)) / ‖v‖``. Default:
+        the cube root of the dtype's machine epsilon (about 5e-3 in float32,
+        6e-6 in float64), which balances truncation and rounding error of
+        central differences.
 
     Attributes
     ----------
@@ -262,9 +280,16 @@ class HessianOperator:
         process_group: Any = None,
         cache_bytes: int | None = None,
         theta: torch.Tensor | None = None,
+        product: str = "autograd",
+        fd_step: float | None = None,
     ) -> None:
         if curvature not in _CURVATURES:
             raise ValueError(f"curvature must be one of {_CURVATURES}; got {curvature!r}.")
+        if product not in _PRODUCTS:
+            raise ValueError(f"product must be one of {_PRODUCTS}; got {product!r}.")
+        if fd_step is not None and (isinstance(fd_step, bool) or not isinstance(fd_step, Real)
+                                    or not math.isfinite(fd_step) or fd_step <= 0):
+            raise ValueError(f"fd_step must be a positive number or None; got {fd_step!r}.")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int; got {batch_size!r}.")
         module = unwrap_model(model)
@@ -272,6 +297,8 @@ class HessianOperator:
         self.space = ParameterSpace(module, params)
         self.fmodel = FunctionalModel(module, self.space, output_to_logits)
         self.curvature = curvature
+        self.product = product
+        self.fd_step = fd_step
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         self.process_group = process_group
         self.theta = (self.fmodel.initial_theta() if theta is None
@@ -337,6 +364,10 @@ class HessianOperator:
 
     def _sum_products(self, v: torch.Tensor) -> torch.Tensor:
         """Σ over this rank's chunks of the chunk products with ``v``."""
+        if self.product == "finite_difference":
+            if v.ndim == 1:
+                return self._finite_difference(v)
+            return torch.stack([self._finite_difference(c) for c in v.T], dim=1)
         out = torch.zeros_like(v)
         if self._complete:
             # Every chunk's graph is kept: no pass over the data at all.
@@ -473,6 +504,37 @@ class HessianOperator:
             self._cache = []
             self._cache_used = 0
         return _single_use(fn)
+
+    def _finite_difference(self, v: torch.Tensor) -> torch.Tensor:
+        """This rank's sum of chunk products with ``v`` by central differences
+        of first derivatives (see ``product``)."""
+        out = torch.zeros_like(v)
+        norm_v = float(v.norm())
+        if norm_v == 0:
+            return out
+        h = self.fd_step if self.fd_step is not None else torch.finfo(self.dtype).eps ** (1 / 3)
+        rms_theta = float(self.theta.norm()) / math.sqrt(self.theta.numel())
+        eps = h * max(1.0, rms_theta) / norm_v
+        plus, minus = self.theta + eps * v, self.theta - eps * v
+        for x, y in self._chunks():
+            if self.curvature == "hessian":
+                out.add_(self._chunk_gradient(plus, x, y) - self._chunk_gradient(minus, x, y))
+                continue
+            with torch.no_grad():
+                jv = self._forward(plus, x) - self._forward(minus, x)
+            theta = self.theta.detach().requires_grad_(True)
+            z = self._forward(theta, x)
+            p = torch.softmax(z.detach(), dim=1)
+            w = p * jv - p * (p * jv).sum(dim=1, keepdim=True)
+            (jtw,) = torch.autograd.grad(z, theta, w)
+            out.add_(jtw)
+        return out.div_(2 * eps)
+
+    def _chunk_gradient(self, theta: torch.Tensor, x, y) -> torch.Tensor:
+        theta = theta.detach().requires_grad_(True)
+        loss = F.cross_entropy(self._forward(theta, x), y, reduction="sum")
+        (g,) = torch.autograd.grad(loss, theta)
+        return g
 
     def _build_hessian(self, x, y, keep: bool):
         theta = self.theta.detach().requires_grad_(True)

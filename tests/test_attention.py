@@ -456,21 +456,25 @@ def test_model_refusing_the_named_inputs_is_one_clear_error(keyword_pair):
 
 # ------------------------------------------------------- missing derivatives
 class FusedBlock(nn.Module):
-    """Calls the fused CPU attention kernel directly (no double backward)."""
+    """Calls the fused CPU attention kernel directly (no double backward), or,
+    with ``fused=False``, the same attention through F.scaled_dot_product_attention."""
 
-    def __init__(self) -> None:
+    def __init__(self, fused: bool = True) -> None:
         super().__init__()
         self.proj = nn.Linear(4, 8)
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.proj(x).reshape(x.shape[0], 1, 2, 4)
+        if not self.fused:
+            return F.scaled_dot_product_attention(h, h, h)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(h, h, h)[0]
 
 
 class FusedNet(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, fused: bool = True) -> None:
         super().__init__()
-        self.block = FusedBlock()
+        self.block = FusedBlock(fused)
         self.head = nn.Linear(8, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -491,6 +495,52 @@ def test_a_layer_without_second_derivatives_is_named():
     assert torch.isfinite(head.matvec(torch.ones(head.shape[0]))).all()
     with pytest.raises(ValueError, match=r"layer 'block'"):
         SpectralSurgeon(max_steps=1).fit(net, X, y)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_finite_difference_product_where_autograd_has_none(curvature):
+    """product="finite_difference" needs first derivatives only: on the fused
+    kernel it equals the exact product of the same net on the math kernel."""
+    torch.manual_seed(0)
+    fused = FusedNet().double()
+    math_net = FusedNet(fused=False).double()
+    math_net.load_state_dict(fused.state_dict())
+    X, y = torch.randn(12, 4, dtype=torch.float64), torch.arange(C).repeat(4)
+    exact = dense_of(HessianOperator(math_net, X, y, curvature=curvature))
+    op = HessianOperator(fused, X, y, curvature=curvature, product="finite_difference")
+    approx = dense_of(op)
+    assert torch.linalg.norm(approx - exact) / torch.linalg.norm(exact) < 1e-7
+    assert op.n_matvec == exact.shape[0] and op.cache_used == 0
+
+
+@pytest.mark.parametrize("case", ["vit", "sdpa"])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_finite_difference_accuracy(case, curvature, request):
+    """The default step's error against the exact float64 product: about 1e-9
+    in float64, a few 1e-4 in float32 (docs/performance.md)."""
+    fixture, make_data, params = CASES[case]
+    model = request.getfixturevalue(fixture)
+    X, y = make_data()
+    op64 = HessianOperator(as64(model), to64(X), y, params=params, curvature=curvature)
+    V = torch.randn(op64.shape[0], 4, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    V /= V.norm(dim=0)
+    exact = op64.matvec(V)
+    for m, Xm, tol in ((as64(model), to64(X), 1e-8), (model, X, 2e-3)):
+        op = HessianOperator(m, Xm, y, params=params, curvature=curvature,
+                             product="finite_difference")
+        approx = op.matvec(V.to(op.dtype)).double()
+        assert ((approx - exact).norm(dim=0) / exact.norm(dim=0)).max() < tol
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"product": "fd"}, "product must be one of"),
+    ({"product": "finite_difference", "fd_step": 0.0}, "fd_step must be a positive"),
+    ({"fd_step": float("nan")}, "fd_step must be a positive"),
+])
+def test_finite_difference_settings_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HessianOperator(nn.Linear(4, C), torch.randn(6, 4), torch.arange(C).repeat(2), **kwargs)
 
 
 # --------------------------------------------------------------- the CLI
