@@ -122,7 +122,8 @@ def sequence_data(counts, seed):
 
 
 def call(model, X):
-    return model(**X) if isinstance(X, dict) else model(X)
+    out = model(**X) if isinstance(X, dict) else model(X)
+    return out if isinstance(out, torch.Tensor) else out.logits  # a Hugging Face output
 
 
 def train(model, X, y, steps=40, lr=0.03):
@@ -593,7 +594,7 @@ def test_cli_reads_named_input_arrays(keyword_pair, tmp_path, monkeypatch, capsy
 
 
 # ------------------------------------------------------- Hugging Face BERT
-def test_tiny_bert_from_a_config():
+def test_tiny_bert_from_a_config(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(vocab_size=12, hidden_size=8, num_hidden_layers=1,
                                      num_attention_heads=2, intermediate_size=16,
@@ -605,7 +606,15 @@ def test_tiny_bert_from_a_config():
     implementation = model.config._attn_implementation
     snap = snapshot(model)
     Xv, yv = token_data([10, 10, 10], 3)
-    surgeon = SpectralSurgeon(max_steps=2, random_state=0).fit(model, dict(Xv, labels=yv))
-    assert np.isfinite(surgeon.score(model, Xv, yv))
+    # batches as a Hugging Face data collator gives them: mappings with "labels"
+    batches = DataLoader([dict({k: t[i] for k, t in Xv.items()}, labels=yv[i])
+                          for i in range(len(yv))], batch_size=16)
+    surgeon = SpectralSurgeon(max_steps=3, imbalance_alpha=None, random_state=0).fit(
+        model, batches)
+    assert np.all(np.isfinite(surgeon.eigenvalues_)) and len(surgeon.history_) >= 1
+    score = surgeon.score(model, Xv, yv)
+    assert score == pytest.approx(_balanced(surgeon.transform(model), Xv, yv), abs=1e-12)
+    loaded = SpectralSurgeon.load(surgeon.save(tmp_path / "bert.hrs"))
+    assert loaded.score(model, dict(Xv, labels=yv)) == score
     assert model.config._attn_implementation == implementation
     assert_unchanged(model, snap)
