@@ -225,6 +225,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--counts-only", action="store_true",
+                        help="only Lanczos against power iteration (products and errors)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     env = setup(args.threads)
@@ -233,6 +235,11 @@ def main(argv=None):
     k = splits.n_classes - 1
     ref = LanczosSpectrum(tol=1e-8, random_state=1).compute(HessianOperator(model, X, y), k + 3)
     reference = ref.eigenvalues.numpy()[:k]
+    if args.counts_only:
+        emit({"benchmark": "spectrum matvec counts", "environment": env,
+              "matvecs": matvec_counts(model, X, y, k, reference),
+              "reference_eigenvalues": reference.tolist()}, args.output)
+        return
     ours_seconds, _, n = time_hessrebal(model, X, y, k)  # warm-up of autograd
     ours_seconds, ours_values, n = time_hessrebal(model, X, y, k)
     result = {

@@ -110,3 +110,17 @@ def test_dense_default_max_dim_refuses_what_takes_too_long():
     # a raised limit is honoured
     small = MatrixOperator(torch.diag(torch.arange(1.0, 1601.0, dtype=torch.float64)))
     assert float(DenseSpectrum(max_dim=1600).compute(small, 1).eigenvalues[0]) == 1600.0
+
+
+def test_power_iteration_does_not_stop_on_a_bulk_vector():
+    """Late pairs once stopped on their first product: against λ₁, a random
+    start in a large bulk has a tiny residual, so bulk values came back
+    flagged converged (seen on the demo model: λ₈ = λ₉ = 0)."""
+    spikes = torch.tensor([100, 60, 40, 25, 15, 10, 7, 5, 4.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    diag = torch.cat([spikes, 0.05 * torch.rand(5000, generator=g, dtype=torch.float64)])
+    A = torch.diag(diag)
+    spec = PowerIterationSpectrum(tol=1e-4, max_iter=500, random_state=0).compute(
+        MatrixOperator(A), 9)
+    np.testing.assert_allclose(spec.eigenvalues.numpy(), spikes.numpy(), rtol=1e-3)
+    assert spec.converged.all()

@@ -122,9 +122,13 @@ class PowerIterationSpectrum(SpectrumBackend):
                 w = counter(v)
                 lam = float(v @ w)
                 residual = float(torch.linalg.vector_norm(w - lam * v))
-                # The flags below test residual <= tol * max|λ| over all pairs,
-                # which is >= this scale: stopping here implies converged.
-                if residual <= tol * max(scale, abs(lam)):
+                # Two tests. The full residual against max|λ| is the one the
+                # flags below use, so stopping implies converged. Alone it let
+                # a random start in a large bulk (‖Hv‖ ≪ λ₁) stop on its first
+                # product and return a bulk value; so the deflated operator's
+                # residual must also be small against this pair's own |λ|.
+                deflated = float(torch.linalg.vector_norm(orthogonalize(w, Q) - lam * v))
+                if residual <= tol * max(scale, abs(lam)) and deflated <= tol * abs(lam):
                     break
                 if it < max_iter:
                     v = w
