@@ -1,4 +1,4 @@
-"""How the held-out gain of the surgery depends on the validation size (DESIGN §1.4).
+"""How the held-out gain of the surgery depends on the validation size (docs/method.md §9).
 
 With n validation images per class, each per-class accuracy carries a noise
 of about √(a(1−a)/n) — ±4 points at n = 50 — as large as σ itself on

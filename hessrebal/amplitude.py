@@ -1,4 +1,4 @@
-"""Amplitude controllers: how the step budget ``alpha_max`` evolves (DESIGN §1.4).
+"""Amplitude controllers: how the step budget ``alpha_max`` evolves (docs/method.md §6).
 
 Protocol, shared by every controller (and by a user's own class):
 

@@ -941,8 +941,9 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
             strategy = self._strategy(given, defaults[name])
             for method in methods:
                 if not callable(getattr(strategy, method, None)):
-                    raise TypeError(f"{name} must have a {method}() method (see the strategy "
-                                    f"protocols in DESIGN §2); got {type(given).__name__}.")
+                    raise TypeError(f"{name} must have a {method}() method (see 'Swapping "
+                                    "strategies' in docs/user-guide.md); got "
+                                    f"{type(given).__name__}.")
             check = getattr(strategy, "_check_params", None) or getattr(strategy, "_validate",
                                                                         None)
             try:

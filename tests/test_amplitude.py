@@ -1,4 +1,4 @@
-"""Amplitude controllers against hand computations of DESIGN §1.4."""
+"""Amplitude controllers against hand computations of docs/method.md §6."""
 
 import math
 
@@ -32,7 +32,7 @@ def test_grow_shrink():
 
 
 def adam_snr_by_hand(budget0, signals, T, min_fraction=0.1, eps=1e-8):
-    """Plain transcription of the formulas of DESIGN §1.4."""
+    """Plain transcription of the formulas of docs/method.md §6."""
     b1 = 1 - 4 / T
     b2 = 1 - 1 / T
     lo = min_fraction * budget0

@@ -4,7 +4,7 @@ Given the spike–class sensitivity ``S`` (C × k), the current per-class accura
 ``a`` and a budget, a solver chooses the coefficients ``alpha`` (k,) of the step
 ``delta_theta = sum_i alpha_i q_i`` along the spike eigenvectors.
 
-Two objectives are offered (DESIGN §1.3):
+Two objectives are offered (docs/method.md §5):
 
 ``"weighted"``
     maximise ``sum_j w_j (S alpha)_j - (mu/2) sum_i |lambda_i| alpha_i^2`` with
@@ -76,7 +76,7 @@ def _as_float_array(value, name: str, ndim: int) -> np.ndarray:
 
 @dataclass
 class CoefficientProblem:
-    """One instance of the coefficient problem (DESIGN §1.3).
+    """One instance of the coefficient problem (docs/method.md §5).
 
     Parameters
     ----------
