@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -256,6 +257,60 @@ _NO_DOUBLE_BACKWARD = re.compile(r"derivative for (aten::\w+?)(?:_backward)?(?:\
                                  r"implemented")
 _NO_FORWARD_AD = re.compile(r"forward AD with (aten::\w+)(?:\.\w+)? that does not support it")
 _ONCE_DIFFERENTIABLE = "marked with @once_differentiable"
+_NO_SETUP_CONTEXT = "it must override the setup_context staticmethod"
+
+
+def _function_class(grad_fn: Any) -> type | None:
+    """The custom autograd.Function class behind a graph node, if it is one."""
+    if isinstance(grad_fn, torch.autograd.function.BackwardCFunction):
+        return getattr(grad_fn, "_forward_cls", None)
+    return None
+
+
+def _is_once_differentiable(cls: type | None) -> bool:
+    # torch.autograd.function.once_differentiable wraps backward in a function
+    # named "wrapper" defined in that module (functools.wraps copies the rest).
+    code = getattr(getattr(cls, "backward", None), "__code__", None)
+    return (code is not None and code.co_name == "wrapper"
+            and code.co_filename.endswith(os.path.join("autograd", "function.py")))
+
+
+def _lacks_setup_context(cls: type | None) -> bool:
+    return cls is not None and cls.setup_context is torch.autograd.Function.setup_context
+
+
+def once_differentiable_function(output: torch.Tensor) -> type | None:
+    """A custom autograd.Function with a ``@once_differentiable`` backward in
+    the graph of ``output``, if any. Autograd gives such a graph no error but
+    wrong second derivatives (the backward runs without a graph), so the
+    curvature products look for one before the first double backward."""
+    seen: set[int] = set()
+    todo = [output.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        cls = _function_class(node)
+        if _is_once_differentiable(cls):
+            return cls
+        todo.extend(n for n, _ in node.next_functions)
+    return None
+
+
+def once_differentiable_error(fmodel: FunctionalModel, theta: torch.Tensor, x: Inputs,
+                              function: type, product: str) -> ValueError:
+    """The error for a ``@once_differentiable`` custom function in the graph."""
+    layer = _layer_running(fmodel, theta, x, None, _is_once_differentiable)
+    where = f"layer '{layer[0]}' ({layer[1]})" if layer else "a layer"
+    return ValueError(
+        f"model: {where} uses the custom autograd.Function {function.__name__}, whose "
+        "backward is marked @once_differentiable: autograd would silently drop its second "
+        f"derivative, so hessrebal cannot take {product} through it. Give the function a "
+        "differentiable backward, select only parameters that come after it with params= "
+        "(e.g. the classifier head), or use HessianOperator(product='finite_difference'), "
+        "which needs first derivatives only."
+    )
 
 
 def missing_derivative_error(fmodel: FunctionalModel, theta: torch.Tensor, x: Inputs,
@@ -268,11 +323,21 @@ def missing_derivative_error(fmodel: FunctionalModel, theta: torch.Tensor, x: In
     aten operations it ran and the custom autograd functions it returned.
     """
     message = str(exc)
+    if _NO_SETUP_CONTEXT in message:
+        # torch.func transforms (the surrogate sensitivity's products) need
+        # custom functions written for them.
+        layer = _layer_running(fmodel, theta, x, None, _lacks_setup_context)
+        where = f"layer '{layer[0]}' ({layer[1]})" if layer else "a layer"
+        return ValueError(
+            f"model: {where} uses a custom autograd.Function without setup_context, which "
+            f"torch.func cannot transform, so hessrebal cannot take {product} through it. "
+            "Give the function a setup_context (PyTorch's notes 'Extending torch.func with "
+            "autograd.Function'), or use sensitivity=FiniteDifferenceSensitivity().")
     match = _NO_DOUBLE_BACKWARD.search(message) or _NO_FORWARD_AD.search(message)
     if match is None and _ONCE_DIFFERENTIABLE not in message:
         return None
     op = match.group(1) if match else None
-    layer = _layer_running(fmodel, theta, x, op)
+    layer = _layer_running(fmodel, theta, x, op, _is_once_differentiable)
     what = (f"'{op}'" if op else "a custom autograd.Function marked @once_differentiable")
     where = (f"layer '{layer[0]}' ({layer[1]})" if layer else "a layer")
     order = ("forward-mode derivative" if match is not None and match.re is _NO_FORWARD_AD
@@ -289,9 +354,12 @@ def missing_derivative_error(fmodel: FunctionalModel, theta: torch.Tensor, x: In
 
 
 def _layer_running(fmodel: FunctionalModel, theta: torch.Tensor, x: Inputs,
-                   op: str | None) -> tuple[str, str] | None:
+                   op: str | None,
+                   function: Callable[[type | None], bool] = _is_once_differentiable,
+                   ) -> tuple[str, str] | None:
     """The innermost module (name, class) whose forward ran aten ``op``, or,
-    with ``op=None``, that returned the output of a custom autograd.Function."""
+    with ``op=None``, that returned the output of a custom autograd.Function
+    whose class satisfies ``function``."""
     from torch.nn.modules.module import (
         register_module_forward_hook,
         register_module_forward_pre_hook,
@@ -314,9 +382,8 @@ def _layer_running(fmodel: FunctionalModel, theta: torch.Tensor, x: Inputs,
     def post(module, args, output):
         if stack and stack[-1] is module:
             stack.pop()
-        grad_fn = getattr(output, "grad_fn", None)
         if (op is None and not found and id(module) in names
-                and isinstance(grad_fn, torch.autograd.function.BackwardCFunction)):
+                and function(_function_class(getattr(output, "grad_fn", None)))):
             found.append(module)
 
     handles = [register_module_forward_pre_hook(pre), register_module_forward_hook(post)]

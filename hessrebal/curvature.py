@@ -54,6 +54,8 @@ from ._model import (
     OutputToLogits,
     check_finite_parameters,
     missing_derivative_error,
+    once_differentiable_error,
+    once_differentiable_function,
 )
 from .parameters import ParameterSpace, ParamSelection, unwrap_model
 
@@ -309,6 +311,7 @@ class HessianOperator:
                             if cache_bytes is None else int(cache_bytes))
         self.data: LabelledData = self._on_device(as_data(X, y))
         self.n_matvec = 0
+        self._graph_checked = False
         self._affine_bn = _has_batchnorm(module)
         self._shuffled = _is_shuffled(self.data)
         self.clear_cache()
@@ -536,9 +539,22 @@ class HessianOperator:
         (g,) = torch.autograd.grad(loss, theta)
         return g
 
+    def _check_graph(self, z: torch.Tensor, x) -> None:
+        """Refuse, once, a graph whose second derivatives autograd gets wrong
+        without an error (a custom function with a once-differentiable backward)."""
+        if self._graph_checked:
+            return
+        function = once_differentiable_function(z)
+        if function is not None:
+            raise once_differentiable_error(self.fmodel, self.theta, x, function,
+                                            f"{self.curvature} products")
+        self._graph_checked = True
+
     def _build_hessian(self, x, y, keep: bool):
         theta = self.theta.detach().requires_grad_(True)
-        loss = F.cross_entropy(self._forward(theta, x), y, reduction="sum")
+        z = self._forward(theta, x)
+        self._check_graph(z, x)
+        loss = F.cross_entropy(z, y, reduction="sum")
         (g,) = torch.autograd.grad(loss, theta, create_graph=True)
 
         def product(v: torch.Tensor, retain: bool = keep) -> torch.Tensor:
@@ -550,6 +566,7 @@ class HessianOperator:
     def _build_ggn(self, x, y, keep: bool):
         theta = self.theta.detach().requires_grad_(True)
         z = self._forward(theta, x)
+        self._check_graph(z, x)
         p = torch.softmax(z.detach(), dim=1)
         # J v by the double-vjp trick: g(u) = Jᵀu is linear in u, so d/du (g·v) = J v.
         u = torch.zeros_like(z, requires_grad=True)

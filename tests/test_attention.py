@@ -498,6 +498,74 @@ def test_a_layer_without_second_derivatives_is_named():
         SpectralSurgeon(max_steps=1).fit(net, X, y)
 
 
+class _Square(torch.autograd.Function):
+    """x² with a hand-written, differentiable backward (old style: no setup_context)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class _OnceSquare(_Square):
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class Squaring(nn.Module):
+    def __init__(self, function) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function.apply(x) if self.function else x * x
+
+
+def squaring_net(function):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), Squaring(function), nn.Linear(6, C)).double()
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_a_once_differentiable_function_is_named_not_silently_wrong(curvature):
+    """Autograd raises nothing for a @once_differentiable backward under
+    double backward: it drops that second derivative. The operator refuses it."""
+    X, y = torch.randn(12, 4, dtype=torch.float64), torch.arange(C).repeat(4)
+    net = squaring_net(_OnceSquare)
+    op = HessianOperator(net, X, y, curvature=curvature)
+    with pytest.raises(ValueError, match=r"layer '1' \(Squaring\) uses the custom "
+                       r"autograd.Function _OnceSquare.*once_differentiable"):
+        op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
+    exact = dense_of(HessianOperator(squaring_net(None), X, y, curvature=curvature))
+    fd = dense_of(HessianOperator(net, X, y, curvature=curvature, product="finite_difference"))
+    assert torch.linalg.norm(fd - exact) / torch.linalg.norm(exact) < 1e-7
+    # a differentiable custom backward is used as it is
+    same = dense_of(HessianOperator(squaring_net(_Square), X, y, curvature=curvature))
+    torch.testing.assert_close(same, exact, rtol=1e-12, atol=1e-14)
+    head = HessianOperator(net, X, y, params="2", curvature=curvature)
+    torch.testing.assert_close(dense_of(head), exact[-head.shape[0]:, -head.shape[0]:])
+
+
+def test_a_function_torch_func_cannot_transform_is_named():
+    net = squaring_net(_Square)
+    X, y = torch.randn(12, 4, dtype=torch.float64), torch.arange(C).repeat(4)
+    fmodel = FunctionalModel(net, ParameterSpace(net))
+    theta = fmodel.initial_theta()
+    Q = torch.eye(theta.numel(), 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"layer '1' \(Squaring\) uses a custom "
+                       r"autograd.Function without setup_context.*FiniteDifferenceSensitivity"):
+        SoftmaxSurrogateSensitivity().estimate(fmodel, theta, Q, as_data(X, y), C,
+                                               batch_size=8)
+
+
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_finite_difference_product_where_autograd_has_none(curvature):
     """product="finite_difference" needs first derivatives only: on the fused
