@@ -195,14 +195,14 @@ def dense_hessian(model, X, y, names):
     f = _reference_logits(model, names, X)
     with sdpa_kernel(SDPBackend.MATH):
         return torch.autograd.functional.hessian(lambda t: F.cross_entropy(f(t), y),
-                                                 _flat(model, names))
+                                                 _flat(model, names), vectorize=True)
 
 
 def dense_ggn(model, X, y, names):
     f = _reference_logits(model, names, X)
     theta = _flat(model, names)
     with sdpa_kernel(SDPBackend.MATH):
-        J = torch.autograd.functional.jacobian(f, theta)  # (n, C, D)
+        J = torch.autograd.functional.jacobian(f, theta, vectorize=True)  # (n, C, D)
         p = torch.softmax(f(theta), dim=1)
     H_out = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     return torch.einsum("ncd,nce,nef->df", J, H_out, J) / len(y)
