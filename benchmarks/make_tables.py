@@ -21,9 +21,11 @@ markers in docs/benchmarks.md:
   side-experiment scripts wrote next to their JSON.
 
 Also draws ``docs/images/regime_map.png`` and ``docs/images/cap_tradeoff.png``
-(from the ablation's JSON). Usage::
+(from the ablation's JSON). ``--check`` writes nothing and exits 1 when a
+committed table differs from what the saved results give (the test suite
+runs it). Usage::
 
-    python benchmarks/make_tables.py
+    python benchmarks/make_tables.py [--check]
 """
 
 from __future__ import annotations
@@ -355,20 +357,16 @@ def fill(doc: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), doc)
 
 
-def main(argv: list[str] | None = None) -> int:
-    # No options; parsing still answers --help instead of rewriting the docs.
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+def render(doc: str) -> tuple[str, str]:
+    """``doc`` with every marker block refilled from the saved results, and the
+    full tables of ``benchmarks/results/tables.md``."""
     assert set(SHORT) <= set(_LABELS)
     results = load_grid()
     summary = summarize(list(results.values()))
-    (RESULTS / "tables.md").write_text(format_table(summary) + "\n")
     cells = by_cell(all_rows(results))
-    figure(cells, IMAGES / "regime_map.png")
-    cap_figure(IMAGES / "cap_tradeoff.png")
     full = [e for e in summary if (e["dataset"], e.get("model") or "mlp",
                                    e["imbalance_ratio"], e.get("val_per_class") or 0)
             in full_size_cells(cells)]
-    doc = DOC.read_text()
     for name, body in (("coverage", coverage(results)), ("regime", regime(cells)),
                        ("moonshot", moonshot(cells)), ("harm", harm(cells)),
                        ("headline", headline(cells)), ("paired", paired(cells)),
@@ -379,8 +377,33 @@ def main(argv: list[str] | None = None) -> int:
         path = RESULTS / f"{name}.md"
         if path.exists():
             doc = fill(doc, name, path.read_text())
+    return doc, format_table(summary) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 when a table in docs/benchmarks.md or "
+                             "benchmarks/results/tables.md differs from the saved results")
+    args = parser.parse_args(argv)
+    current = DOC.read_text()
+    doc, tables = render(current)
+    if args.check:
+        stale = [str(p) for p, new, old in ((DOC, doc, current),
+                                            (RESULTS / "tables.md", tables,
+                                             (RESULTS / "tables.md").read_text()))
+                 if new != old]
+        if stale:
+            print("out of date with benchmarks/results: " + ", ".join(stale)
+                  + " (run python benchmarks/make_tables.py)")
+            return 1
+        return 0
+    (RESULTS / "tables.md").write_text(tables)
+    cells = by_cell(all_rows(load_grid()))
+    figure(cells, IMAGES / "regime_map.png")
+    cap_figure(IMAGES / "cap_tradeoff.png")
     DOC.write_text(doc)
-    print(f"wrote {DOC}, {RESULTS / 'tables.md'} and {IMAGES / 'regime_map.png'}")
+    print(f"wrote {DOC}, {RESULTS / 'tables.md'} and the figures in {IMAGES}")
     return 0
 
 
