@@ -357,9 +357,9 @@ def fill(doc: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), doc)
 
 
-def render(doc: str) -> tuple[str, str]:
-    """``doc`` with every marker block refilled from the saved results, and the
-    full tables of ``benchmarks/results/tables.md``."""
+def render(doc: str) -> tuple[str, str, dict]:
+    """``doc`` with every marker block refilled from the saved results, the
+    full tables of ``benchmarks/results/tables.md``, and the grid's cells."""
     assert set(SHORT) <= set(_LABELS)
     results = load_grid()
     summary = summarize(list(results.values()))
@@ -377,7 +377,7 @@ def render(doc: str) -> tuple[str, str]:
         path = RESULTS / f"{name}.md"
         if path.exists():
             doc = fill(doc, name, path.read_text())
-    return doc, format_table(summary) + "\n"
+    return doc, format_table(summary) + "\n", cells
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                              "benchmarks/results/tables.md differs from the saved results")
     args = parser.parse_args(argv)
     current = DOC.read_text()
-    doc, tables = render(current)
+    doc, tables, cells = render(current)
     if args.check:
         stale = [str(p) for p, new, old in ((DOC, doc, current),
                                             (RESULTS / "tables.md", tables,
@@ -399,7 +399,6 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     (RESULTS / "tables.md").write_text(tables)
-    cells = by_cell(all_rows(load_grid()))
     figure(cells, IMAGES / "regime_map.png")
     cap_figure(IMAGES / "cap_tradeoff.png")
     DOC.write_text(doc)

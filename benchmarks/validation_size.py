@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 from _common import (
     command_line,
     log,
@@ -39,7 +38,7 @@ from _common import (
 )
 
 from hessrebal import SpectralSurgeon
-from hessrebal.bench import evaluate_model
+from hessrebal.bench import evaluate_model, validation_subset
 from hessrebal.datasets import load_long_tailed
 
 VARIANTS = {
@@ -49,24 +48,16 @@ VARIANTS = {
 }
 
 
-def nested_subset(y, n, C):
-    """The first ``n`` validation samples of each class (the split is already shuffled)."""
-    idx = np.concatenate([np.flatnonzero(y == c)[:n] for c in range(C)])
-    return np.sort(idx)
-
-
 def run_cell(dataset, ratio, seed, sizes, pool):
     splits = load_long_tailed(dataset, imbalance_ratio=ratio, random_state=seed,
                               val_per_class=pool, test_per_class=100)
     C = splits.n_classes
     model, curv = reference_checkpoint(dataset, splits, seed)
-    X_val, y_val = splits.data("val")
     X_te, y_te = splits.data("test")
     before = evaluate_model(model, X_te, y_te, C)
     out = {"dataset": dataset, "ratio": ratio, "seed": seed, "before": before, "cells": []}
     for n in sizes:
-        idx = nested_subset(y_val.numpy(), n, C)
-        Xv, yv = X_val[idx], y_val[idx]
+        Xv, yv = validation_subset(splits, n)
         val_before = evaluate_model(model, Xv, yv, C)
         for variant, kwargs in VARIANTS.items():
             s = SpectralSurgeon(random_state=seed, **kwargs).fit(model, Xv, yv,

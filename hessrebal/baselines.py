@@ -44,6 +44,7 @@ from ._model import (
 from ._persistence import load_state, save_state
 from .metrics import balanced_accuracy, per_class_accuracy
 from .parameters import ParameterSpace, unwrap_model
+from .spectrum.base import check_positive
 
 __all__ = [
     "LogitAdjustment",
@@ -1068,16 +1069,12 @@ class LastLayerRetraining(_PostHocBaseline):
                 else _check_grid(self.Cs, "Cs", lower=0.0))
         if np.any(grid <= 0):
             raise ValueError("Cs must be positive.")
-        for key, low in (("cv", 2), ("n_resamples", 1), ("max_iter", 1)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-                raise ValueError(f"{key} must be an integer ≥ {low}; got {value!r}.")
-        if self.train_per_class is not None and (
-                isinstance(self.train_per_class, bool)
-                or not isinstance(self.train_per_class, numbers.Integral)
-                or self.train_per_class < 1):
-            raise ValueError("train_per_class must be a positive integer or None; got "
-                             f"{self.train_per_class!r}.")
+        if isinstance(self.cv, bool) or not isinstance(self.cv, numbers.Integral) \
+                or self.cv < 2:
+            raise ValueError(f"cv must be an integer ≥ 2; got {self.cv!r}.")
+        check_positive(self.n_resamples, "n_resamples", integer=True)
+        check_positive(self.max_iter, "max_iter", integer=True)
+        check_positive(self.train_per_class, "train_per_class", integer=True, allow_none=True)
         if self.shrink_to not in ("zero", "model"):
             raise ValueError(f"shrink_to must be 'zero' or 'model'; got {self.shrink_to!r}.")
         if not isinstance(self.standardize, (bool, np.bool_)):

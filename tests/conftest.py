@@ -122,6 +122,20 @@ def run_two_ranks(worker: Path, out: Path, timeout: float) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def save_three_ways(model: nn.Module, directory: Path) -> None:
+    """``model`` as the CLI reads it: a state dict (``weights.pt``), a
+    safetensors file (``weights.safetensors``) and TorchScript (``scripted.pt``)."""
+    import warnings
+
+    from safetensors.torch import save_file
+
+    torch.save(model.state_dict(), directory / "weights.pt")
+    save_file(model.state_dict(), str(directory / "weights.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+        torch.jit.save(torch.jit.script(model), str(directory / "scripted.pt"))
+
+
 def import_source(directory: Path, name: str, source: str):
     """Write ``source`` as ``directory/name.py`` and import it (a user's model
     factory module, as the CLI's ``--factory`` imports one)."""

@@ -4,7 +4,6 @@ models matches a dense Hessian, --help is complete, errors are one line."""
 import json
 import re
 import textwrap
-import warnings
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from torch import nn
 from hessrebal.cli import build_parser, load_model, load_npz, main
 from hessrebal.report import FIGURES
 from tests._reference import dense_hessian
-from tests.conftest import import_source, train_full_batch
+from tests.conftest import import_source, save_three_ways, train_full_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,13 +47,7 @@ def saved(tmp_path_factory):
     X = X + 1.5 * nn.functional.one_hot(y, 5).to(torch.float64)
     train_full_batch(model, X, y, 0.03, 100)
     model.eval()
-    torch.save(model.state_dict(), d / "weights.pt")
-    from safetensors.torch import save_file
-
-    save_file(model.state_dict(), str(d / "weights.safetensors"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
-        torch.jit.save(torch.jit.script(model), str(d / "scripted.pt"))
+    save_three_ways(model, d)
     np.savez(d / "data.npz", X=X.numpy(), y=y.numpy())
     lam = np.sort(np.linalg.eigvalsh(dense_hessian(model, X, y).numpy()))[::-1]
     return d, model, lam

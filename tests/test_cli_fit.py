@@ -16,7 +16,7 @@ from hessrebal import SpectralSurgeon
 from hessrebal.baselines import LastLayerRetraining, LogitAdjustment
 from hessrebal.cli import main
 from hessrebal.metrics import per_class_accuracy
-from tests.conftest import import_source, train_full_batch
+from tests.conftest import import_source, save_three_ways, train_full_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -51,13 +51,7 @@ def files(tmp_path_factory):
     X_te, y_te = _blobs(g, [100, 100, 100, 100])
     train_full_batch(model, X_tr, y_tr, 0.02, 150)
     model.eval()
-    torch.save(model.state_dict(), d / "weights.pt")
-    from safetensors.torch import save_file
-
-    save_file(model.state_dict(), str(d / "weights.safetensors"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
-        torch.jit.save(torch.jit.script(model), str(d / "scripted.pt"))
+    save_three_ways(model, d)
     for name, (X, y) in {"val": (X_val, y_val), "train": (X_tr, y_tr),
                          "test": (X_te, y_te)}.items():
         np.savez(d / f"{name}.npz", X=X.numpy(), y=y.numpy())
