@@ -313,3 +313,23 @@ def as_data(X: Any, y: Any = None, *, name: str = "X", y_name: str = "y") -> Lab
         )
     check_inputs(Xt, name)
     return LabelledData(Xt, yt, name=name, y_name=y_name)
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float,
+                       random_state: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(kept, held)``: ``fraction`` of each class held out (at least
+    one, at most all but one; a class with one sample is kept whole, being
+    more use to the fit). ``random_state``: a seed or ``np.random.Generator``;
+    classes are drawn in sorted order, so a seed gives one split everywhere."""
+    rng = np.random.default_rng(random_state)
+    held = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if idx.size < 2:
+            continue
+        n_held = min(idx.size - 1, max(1, round(fraction * idx.size)))
+        held.append(rng.permutation(idx)[:n_held])
+    mask = np.zeros(labels.size, dtype=bool)
+    if held:
+        mask[np.concatenate(held)] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)

@@ -220,10 +220,10 @@ def write_model(model: nn.Module, source: Path, fmt: str, output_dir: Path) -> P
 def evaluate(model: nn.Module, X: Any, y: Any, n_classes: int) -> dict[str, Any]:
     """Per-class accuracy and summaries of ``model`` on ``(X, y)``."""
     from ._data import as_data
-    from .baselines import _model_logits
+    from ._model import model_logits
     from .metrics import balanced_accuracy, class_std, per_class_accuracy
 
-    logits = _model_logits(model, as_data(X, y), 512)
+    logits = model_logits(model, as_data(X, y), 512)
     pred = logits.argmax(1)
     y_t = torch.as_tensor(y)
     pc = per_class_accuracy(y_t, pred, n_classes)

@@ -469,3 +469,55 @@ def predictions_many(
             preds.append(torch.cat(parts).cpu())
             ys.append(y.cpu())
     return torch.cat(preds, dim=1), torch.cat(ys)
+
+
+def model_logits(model: Any, data, batch_size: int, name: str = "X") -> torch.Tensor:
+    """All logits of an unchanged ``model`` on ``data`` (a ``LabelledData``) as a
+    float64 CPU tensor: eval mode, chunked, the model's mode and buffers as they
+    were afterwards. The one way the package runs a user's model as it is."""
+    module = unwrap_model(model)
+    params = list(module.parameters())
+    if params and len({p.dtype for p in params}) == 1 and len({p.device for p in params}) == 1:
+        # Every parameter, trainable or frozen: this space is only used to run
+        # the model, never to move it.
+        space = ParameterSpace(module, params=lambda n, p: True)
+        fmodel = FunctionalModel(module, space)
+        theta = fmodel.initial_theta()
+        first = next(data.chunks(min(batch_size, 8), fmodel.device, fmodel.dtype), None)
+        if first is None:
+            raise ValueError(f"{name} is empty (0 samples).")
+        fmodel.probe(first[0], name)
+        logits, _ = predict_logits(fmodel, theta, data, batch_size)
+    else:
+        logits = _plain_logits(module, data, batch_size, name)
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"The model returns NaN or infinite outputs on {name}.")
+    return logits.to(torch.float64)
+
+
+def _plain_logits(module: nn.Module, data, batch_size: int, name: str) -> torch.Tensor:
+    """Forward passes for a model ParameterSpace cannot describe (no parameters,
+    or mixed dtypes/devices): eval mode, no grad, buffers restored afterwards."""
+    buffers = {k: b.detach().clone() for k, b in module.named_buffers()}
+    device = next((b.device for b in buffers.values()), None)
+    outs = []
+    try:
+        with torch.no_grad(), evaluation_mode(module):
+            for x, _ in data.chunks(batch_size, device):
+                try:
+                    z = default_output_to_logits(call_module(module, x))
+                except (RuntimeError, IndexError) as exc:
+                    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    raise ValueError(f"The model cannot take {name} "
+                                     f"{describe(x)}: {first}") from exc
+                if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] < 2:
+                    raise ValueError("The model's outputs must have shape (n_samples, "
+                                     "n_classes) with at least 2 classes.")
+                outs.append(z.detach().cpu())
+    finally:
+        with torch.no_grad():
+            for k, b in module.named_buffers():
+                b.copy_(buffers[k])
+    if not outs:
+        raise ValueError(f"{name} is empty (0 samples).")
+    return torch.cat(outs)

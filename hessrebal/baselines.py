@@ -33,17 +33,14 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ._data import as_data, check_label_range, describe
+from ._data import as_data, check_label_range
 from ._model import (
-    FunctionalModel,
-    call_module,
     default_output_to_logits,
-    evaluation_mode,
-    predict_logits,
+    model_logits,
 )
 from ._persistence import load_state, save_state
 from .metrics import balanced_accuracy, per_class_accuracy
-from .parameters import ParameterSpace, unwrap_model
+from .parameters import unwrap_model
 from .spectrum.base import check_positive
 
 __all__ = [
@@ -111,56 +108,6 @@ class LogitAdjustedModel(nn.Module):
 # --------------------------------------------------------------------------- shared machinery
 
 
-def _model_logits(model: Any, data, batch_size: int, name: str = "X") -> torch.Tensor:
-    """All logits of ``model`` on ``data`` as a float64 CPU tensor (eval mode)."""
-    module = unwrap_model(model)
-    params = list(module.parameters())
-    if params and len({p.dtype for p in params}) == 1 and len({p.device for p in params}) == 1:
-        # Every parameter, trainable or frozen: this space is only used to run
-        # the model, never to move it.
-        space = ParameterSpace(module, params=lambda n, p: True)
-        fmodel = FunctionalModel(module, space)
-        theta = fmodel.initial_theta()
-        first = next(data.chunks(min(batch_size, 8), fmodel.device, fmodel.dtype), None)
-        if first is None:
-            raise ValueError(f"{name} is empty (0 samples).")
-        fmodel.probe(first[0], name)
-        logits, _ = predict_logits(fmodel, theta, data, batch_size)
-    else:
-        logits = _plain_logits(module, data, batch_size, name)
-    if not torch.isfinite(logits).all():
-        raise ValueError(f"The model returns NaN or infinite outputs on {name}.")
-    return logits.to(torch.float64)
-
-
-def _plain_logits(module: nn.Module, data, batch_size: int, name: str) -> torch.Tensor:
-    """Forward passes for a model ParameterSpace cannot describe (no parameters,
-    or mixed dtypes/devices): eval mode, no grad, buffers restored afterwards."""
-    buffers = {k: b.detach().clone() for k, b in module.named_buffers()}
-    device = next((b.device for b in buffers.values()), None)
-    outs = []
-    try:
-        with torch.no_grad(), evaluation_mode(module):
-            for x, _ in data.chunks(batch_size, device):
-                try:
-                    z = default_output_to_logits(call_module(module, x))
-                except (RuntimeError, IndexError) as exc:
-                    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                    raise ValueError(f"The model cannot take {name} "
-                                     f"{describe(x)}: {first}") from exc
-                if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] < 2:
-                    raise ValueError("The model's outputs must have shape (n_samples, "
-                                     "n_classes) with at least 2 classes.")
-                outs.append(z.detach().cpu())
-    finally:
-        with torch.no_grad():
-            for k, b in module.named_buffers():
-                b.copy_(buffers[k])
-    if not outs:
-        raise ValueError(f"{name} is empty (0 samples).")
-    return torch.cat(outs)
-
-
 def _looks_like_probabilities(z: torch.Tensor) -> bool:
     """Rows all non-negative and summing to one: softmax outputs, not logits."""
     if z.numel() == 0 or (z < 0).any():
@@ -202,7 +149,7 @@ class _PostHocBaseline(BaseEstimator):
         unwrap_model(model)
         batch_size = _check_batch_size(self.batch_size)
         data = as_data(X_val, y_val, name="X_val", y_name="y_val")
-        z = _model_logits(model, data, batch_size, "X_val")
+        z = model_logits(model, data, batch_size, "X_val")
         y = data.labels()
         n_classes = z.shape[1]
         check_label_range(y, n_classes, "y_val")
@@ -282,7 +229,7 @@ class _PostHocBaseline(BaseEstimator):
         transformed = self.transform(model, copy=True)
         data = as_data(X, y)
         bs = _check_batch_size(self.batch_size if batch_size is None else batch_size)
-        z = _model_logits(transformed, data, bs, "X")
+        z = model_logits(transformed, data, bs, "X")
         check_label_range(data.labels(), z.shape[1])
         return _bal_acc_of(z, data.labels(), z.shape[1])[0]
 
@@ -552,7 +499,7 @@ def _layer_inputs(module: nn.Module, lin: nn.Linear, data, batch_size: int,
 
     handle = lin.register_forward_hook(hook)
     try:
-        z = _model_logits(module, data, batch_size, name)
+        z = model_logits(module, data, batch_size, name)
     finally:
         handle.remove()
     # The probe call in _model_logits also ran the hook: drop it.
@@ -678,7 +625,7 @@ class TauNormalization(_PostHocBaseline):
                 out = feats @ _tau_normalized_weight(W, t).T
                 return out + b if keep else out
             tmp = self._apply(_deepcopy(module), name, t)
-            return _model_logits(tmp, data, batch_size, "X_val")
+            return model_logits(tmp, data, batch_size, "X_val")
 
         self._choose_tau(fixed, grid, lambda t: _bal_acc_of(logits_for(t), y, C)[0])
         self.layer_ = name

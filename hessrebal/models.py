@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from ._data import as_data
 from ._model import default_output_to_logits
+from ._validation import check_positive
 from .parameters import unwrap_model
 
 __all__ = [
@@ -67,11 +68,11 @@ class MLP(nn.Module):
     def __init__(self, in_features: int = 784, hidden: Sequence[int] = (256, 128),
                  n_classes: int = 10, dropout: float = 0.0) -> None:
         super().__init__()
-        _check_positive(in_features, "in_features")
-        _check_positive(n_classes, "n_classes")
+        check_positive(in_features, "in_features", integer=True)
+        check_positive(n_classes, "n_classes", integer=True)
         hidden = tuple(hidden)
         for h in hidden:
-            _check_positive(h, "hidden")
+            check_positive(h, "hidden", integer=True)
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1); got {dropout}.")
         self.in_features = int(in_features)
@@ -118,7 +119,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         for v, n in ((in_channels, "in_channels"), (image_size, "image_size"),
                      (n_classes, "n_classes"), (width, "width")):
-            _check_positive(v, n)
+            check_positive(v, n, integer=True)
         self.in_channels = int(in_channels)
         self.image_size = int(image_size)
 
@@ -204,7 +205,7 @@ class CifarResNet(nn.Module):
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"depth must be 6n+2 (20, 32, 44, ...); got {depth}.")
-        _check_positive(n_classes, "n_classes")
+        check_positive(n_classes, "n_classes", integer=True)
         n = (depth - 2) // 6
         self.in_channels = int(in_channels)
         self.image_size = int(image_size)
@@ -293,11 +294,6 @@ def make_model(name: str, random_state: int | None = 0, **kwargs: Any) -> nn.Mod
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(random_state))
         return builders[key](**kwargs)
-
-
-def _check_positive(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,

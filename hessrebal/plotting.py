@@ -133,10 +133,10 @@ def _measures_model(model: Any, X: Any, what: str) -> bool:
 def _model_accuracy(model: Any, X: Any, y: Any, n_classes: int, batch_size: int) -> np.ndarray:
     # The baselines' forward helper: eval mode, no grad, any model hessrebal can run.
     from ._data import as_data
-    from .baselines import _model_logits
+    from ._model import model_logits
 
     data = as_data(X, y)
-    logits = _model_logits(model, data, batch_size)
+    logits = model_logits(model, data, batch_size)
     return per_class_accuracy(data.labels(), logits.argmax(1), n_classes)
 
 

@@ -18,7 +18,13 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
-from ._data import DEFAULT_BATCH_SIZE, LabelledData, as_data, check_label_range
+from ._data import (
+    DEFAULT_BATCH_SIZE,
+    LabelledData,
+    as_data,
+    check_label_range,
+    stratified_holdout,
+)
 from ._distributed import rank_failures
 from ._model import FunctionalModel, OutputToLogits, check_finite_parameters, predict_logits
 from ._persistence import load_state, save_state
@@ -1021,17 +1027,8 @@ class SpectralSurgeon(TransformerMixin, BaseEstimator, auto_wrap_output_keys=Non
             # Unseeded ranks would split differently and their surgeries diverge.
             seed = broadcast_seed(int(np.random.SeedSequence().generate_state(1)[0]),
                                   process_group, device)
-        rng = np.random.default_rng(seed)
-        sel = []
-        for c in range(n_classes):
-            idx = np.flatnonzero(labels == c)
-            if idx.size < 2:
-                continue
-            n_sel = min(idx.size - 1, max(1, round(self.selection_fraction * idx.size)))
-            sel.extend(rng.permutation(idx)[:n_sel].tolist())
-        sel_mask = np.zeros(labels.size, dtype=bool)
-        sel_mask[sel] = True
-        return val.subset(np.flatnonzero(~sel_mask)), val.subset(np.flatnonzero(sel_mask))
+        kept, held = stratified_holdout(labels, self.selection_fraction, seed)
+        return val.subset(kept), val.subset(held)
 
     def _strategy(self, given: Any, default: Any) -> Any:
         # safe=False: a user's strategy need not be a BaseEstimator (deep copy).

@@ -35,7 +35,7 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.model_selection import StratifiedKFold, check_cv
 from sklearn.utils.validation import check_is_fitted
 
-from ._data import LabelledData, as_data
+from ._data import LabelledData, as_data, stratified_holdout
 from ._model import FunctionalModel, predict_logits
 from .amplitude import GammaDecay
 from .metrics import balanced_accuracy, class_std, per_class_accuracy
@@ -631,21 +631,11 @@ def _raw(data: LabelledData) -> tuple[Any, Any]:
 
 def _stratified_holdout(labels: np.ndarray, fraction: float,
                         random_state: int | None) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(random_state)
-    held = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        if idx.size < 2:
-            continue  # a single sample is more useful to the fit
-        n_held = min(idx.size - 1, max(1, round(fraction * idx.size)))
-        held.append(rng.permutation(idx)[:n_held])
-    mask = np.zeros(labels.size, dtype=bool)
-    if held:
-        mask[np.concatenate(held)] = True
-    if not mask.any():
+    kept, held = stratified_holdout(labels, fraction, random_state)
+    if held.size == 0:
         raise ValueError("X_val has no class with two samples; it cannot be split into a "
                          "fitting and a scoring part.")
-    return np.flatnonzero(~mask), np.flatnonzero(mask)
+    return kept, held
 
 
 def _resolve_storage(storage: Any, heartbeat_interval: float | None = None,

@@ -39,7 +39,8 @@ from sklearn.base import BaseEstimator
 
 __all__ = ["CoefficientProblem", "CoefficientSolver", "SolverWarning"]
 
-_OBJECTIVES = ("weighted", "maxmin")
+from .._validation import OBJECTIVES as _OBJECTIVES
+
 _BUDGET_SHAPES = ("l2", "box")
 
 #: Eigenvalues with ``|lambda| < _FLAT_RTOL * max|lambda|`` count as flat

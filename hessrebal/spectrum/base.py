@@ -23,6 +23,8 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 
+from .._validation import check_positive  # noqa: F401  (re-exported: backends import it from here)
+
 __all__ = [
     "ConvergenceWarning",
     "DeflatedOperator",
@@ -148,19 +150,6 @@ def check_init(init: Any, dim: int, dtype: torch.dtype,
     if not torch.isfinite(init).all():
         raise ValueError("init contains NaN or infinite values.")
     return init
-
-
-def check_positive(value: Any, name: str, integer: bool = False, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if integer:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive int; got {value!r}.")
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
-            or not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number; got {value!r}.")
-    return float(value)
 
 
 class CountingMatvec:
