@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -42,20 +41,9 @@ def log(msg: str) -> None:
 
 
 def _safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _safe(value.tolist())
-    if isinstance(value, torch.Tensor):
-        return _safe(value.detach().cpu().tolist())
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        return v if math.isfinite(v) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
+    from hessrebal.bench import json_safe
+
+    return json_safe(value)
 
 
 def _cpu_model() -> str | None:

@@ -170,32 +170,34 @@ def save_figure_atomic(fig: Any, path: PathLike, **savefig_kwargs: Any) -> Path:
     return path
 
 
-def to_jsonable(value: Any) -> Any:
-    """``value`` with numpy scalars/arrays and tuples turned into JSON types.
+def to_jsonable(value: Any, non_finite: str = "string") -> Any:
+    """``value`` with numpy scalars/arrays, tensors and tuples turned into
+    JSON types: the package's one JSON encoder.
 
-    Non-finite floats are written as the strings ``"nan"``, ``"inf"`` and
-    ``"-inf"`` (strict JSON has no such numbers); :func:`from_jsonable`
-    does not undo that, callers that store them convert back themselves.
+    ``non_finite="string"`` (fitted state, which must round-trip) writes
+    NaN and infinities as ``"nan"``, ``"inf"`` and ``"-inf"``; loaders turn
+    them back with ``float()``. ``non_finite="null"`` (result files, read by
+    other tools) writes them as ``null``. Strict JSON has no such numbers.
     """
     if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v, non_finite) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
+        return [to_jsonable(v, non_finite) for v in value]
     if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
+        return to_jsonable(value.tolist(), non_finite)
     if isinstance(value, torch.Tensor):
-        return to_jsonable(value.detach().cpu().tolist())
+        return to_jsonable(value.detach().cpu().tolist(), non_finite)
     if isinstance(value, (np.bool_, bool)):
         return bool(value)
-    if isinstance(value, (np.integer,)):
+    if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, (np.floating, float)):
         f = float(value)
-        if math.isnan(f):
-            return "nan"
-        if math.isinf(f):
-            return "inf" if f > 0 else "-inf"
-        return f
+        if math.isfinite(f):
+            return f
+        if non_finite == "null":
+            return None
+        return "nan" if math.isnan(f) else ("inf" if f > 0 else "-inf")
     if value is None or isinstance(value, (int, str)):
         return value
     raise TypeError(f"Cannot store a value of type {type(value).__name__} as JSON.")

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from ._data import as_data
+from ._persistence import to_jsonable
 from .baselines import (
     ClassBiasTuning,
     LastLayerRetraining,
@@ -328,22 +329,9 @@ def _surgery_details(s: SpectralSurgeon) -> dict[str, Any]:
     }
 
 
-def _json_safe(value: Any) -> Any:
-    """Floats that JSON can hold (NaN/inf become None), numpy scalars as Python."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        v = float(value)
-        return v if math.isfinite(v) else None
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.bool_,)):
-        return bool(value)
-    return value
+def json_safe(value: Any) -> Any:
+    """Result rows as JSON: NaN/inf become null (see ``to_jsonable``)."""
+    return to_jsonable(value, non_finite="null")
 
 
 def _version() -> str:
@@ -381,7 +369,7 @@ def _write_json(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Serialise first, then the shared atomic writer (unique temp name, fsync,
     # os.replace, cleanup on error): a crash keeps the previous results file.
-    text = json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n"
+    text = json.dumps(json_safe(result), indent=1, allow_nan=False) + "\n"
     write_text_atomic(path, text)
 
 
@@ -438,7 +426,7 @@ class _SeedRun:
     def _posthoc(self, estimator: Any, model: Any, keys: Sequence[str]):
         t0 = time.perf_counter()
         out = estimator.fit_transform(model, self.X_val, self.y_val)
-        details = {k: _json_safe(getattr(estimator, k)) for k in keys}
+        details = {k: json_safe(getattr(estimator, k)) for k in keys}
         return out, time.perf_counter() - t0, details
 
     @property
@@ -708,7 +696,7 @@ def run_benchmark(
         if out_path is not None:
             _write_json(out_path, result)
     result["settings"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    result = _json_safe(result)
+    result = json_safe(result)
     if out_path is not None:
         _write_json(out_path, result)
     return result
